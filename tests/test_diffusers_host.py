@@ -1,0 +1,139 @@
+"""The diffusers host on a tiny random-weight SVD of the real diffusers architectures."""
+
+import copy
+
+import pytest
+import torch
+
+from i2vedit import samplers, schedules
+from i2vedit.errors import I2VEditError
+from i2vedit.hosts.base import LATENT_SCALE, CFGDenoiser, SVDCond, SVDHost, TimeIds, cfg_ramp
+from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
+
+F, H, W = 5, 64, 96
+
+
+def moving_pattern(frames: int = F) -> torch.Tensor:
+    t = torch.linspace(0, 1, frames)[:, None, None]
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, H), torch.linspace(0, 1, W), indexing="ij")
+    return torch.stack([0.5 + 0.4 * torch.sin(6 * xx + 3 * t + c) * torch.cos(4 * yy) for c in range(3)], -1)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_diffusers_host):
+    h = tiny_diffusers_host
+    frames = moving_pattern()
+    z0 = h.vae_encode(frames) * LATENT_SCALE
+    cond = SVDCond(h.encode_clip(frames[:1]), h.vae_encode(frames[:1]), TimeIds(8, 127, 0.02))
+    return h, z0, cond
+
+
+def round_trip(host, z0, cond, steps):
+    x_t = host.sample(
+        samplers.sample_euler_inversion, z0, schedules.inversion_sigmas(steps), cond, disable=True
+    )
+    back = host.sample(
+        samplers.sample_euler_denoise, x_t, schedules.denoise_sigmas(steps), cond, disable=True
+    )
+    return x_t, back
+
+
+def test_builds_are_seeded(tiny_diffusers_host):
+    same = build_tiny_diffusers_host(seed=0).unet.state_dict()
+    other = build_tiny_diffusers_host(seed=1).unet.state_dict()
+    ref = tiny_diffusers_host.unet.state_dict()
+    assert all(torch.equal(ref[k], same[k]) for k in ref)
+    assert not all(torch.equal(ref[k], other[k]) for k in ref)
+    assert isinstance(tiny_diffusers_host, SVDHost)
+
+
+def test_batched_denoise_equals_separate_calls(setup):
+    h, z0, cond = setup
+    x = z0 + 3.0 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    both = h.denoise(x, 3.0, [cond.unconditional(), cond])
+    torch.testing.assert_close(both[0], h.denoise(x, 3.0, [cond.unconditional()])[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both[1], h.denoise(x, 3.0, [cond])[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(both[0], both[1])  # conditioning matters
+
+
+def test_per_frame_cfg(setup):
+    h, z0, cond = setup
+    x = z0 * 5
+    scales = cfg_ramp(F, 1.0, 2.0)
+    out = CFGDenoiser(h, cond, cond.unconditional(), scales)(x, torch.full((F,), 5.0))
+    u, c = h.denoise(x, 5.0, [cond.unconditional(), cond])
+    torch.testing.assert_close(out, u + scales.view(-1, 1, 1, 1) * (c - u), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0], c[0], rtol=1e-5, atol=1e-6)  # scale 1 on the first frame
+    assert h.transformer_options["cond_or_uncond"] == [1, 0]
+
+
+def test_zero_output_unet_is_the_exact_preconditioned_denoiser(setup):
+    h, z0, cond = setup
+    zero = copy.copy(h)
+    zero.unet = copy.deepcopy(h.unet)
+    with torch.no_grad():
+        zero.unet.conv_out.weight.zero_()
+        zero.unet.conv_out.bias.zero_()
+    for sigma in (0.002, 1.0, 700.0):
+        torch.testing.assert_close(
+            zero.denoise(z0, sigma, [cond])[0], z0 / (sigma**2 + 1), rtol=1e-6, atol=1e-7
+        )
+    # Round trip against the closed-form Euler recursion for D = x/(σ²+1).
+    steps = 25
+    inv, den = schedules.inversion_sigmas(steps), schedules.denoise_sigmas(steps)
+    factor = 1.0
+    for i in range(steps):
+        s, s_next = inv[i].item(), inv[i + 1].item()
+        factor *= 1 + (s_next - s) * s / (s**2 + 1)
+    x_t, back = round_trip(zero, z0, cond, steps)
+    torch.testing.assert_close(x_t, z0 * factor, rtol=1e-4, atol=1e-4)
+    for i in range(steps):
+        s, s_next = den[i].item(), den[i + 1].item()
+        factor *= 1 + (s_next - s) * s / (s**2 + 1) if s_next > 0 else 1 / (s**2 + 1)
+    torch.testing.assert_close(back, z0 * factor, rtol=1e-4, atol=1e-5)
+
+
+def test_inversion_round_trip_error_falls_with_steps(setup):
+    h, z0, cond = setup
+    errors = {}
+    for steps in (10, 25, 50):
+        x_t, back = round_trip(h, z0, cond, steps)
+        errors[steps] = ((back - z0).norm() / z0.norm()).item()
+        assert torch.isfinite(x_t).all()
+        assert 0.2 < x_t.std().item() / 700 < 2.0  # noise-like at σ_max
+    assert errors[10] > errors[25] > errors[50], errors
+
+
+def test_sampler_steps_reach_the_host(setup):
+    h, z0, cond = setup
+    h.sample(samplers.sample_euler_inversion, z0, schedules.inversion_sigmas(3), cond, disable=True)
+    opts = h.transformer_options
+    assert (opts["i2v_phase"], opts["i2v_step"], opts["i2v_steps"]) == ("invert", 2, 3)
+    assert opts["cond_or_uncond"] == [0]
+
+
+def test_vae_and_clip(tiny_diffusers_host):
+    h = tiny_diffusers_host
+    frames = moving_pattern(3)
+    mode = h.vae_encode(frames)
+    assert mode.shape == (3, 4, H // 8, W // 8)
+    torch.testing.assert_close(h.vae_encode(frames), mode)
+    a = h.vae_encode(frames, sample=True, generator=torch.Generator().manual_seed(0))
+    b = h.vae_encode(frames, sample=True, generator=torch.Generator().manual_seed(0))
+    c = h.vae_encode(frames, sample=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    decoded = h.vae_decode(mode, chunk=2)
+    assert decoded.shape == (3, H, W, 3) and decoded.min() >= 0 and decoded.max() <= 1
+    assert h.encode_clip(frames).shape == (3, 1, 64)
+
+
+def test_conditioning_that_does_not_fit_is_rejected(setup):
+    h, z0, cond = setup
+    wrong_size = SVDCond(cond.clip_embed, torch.zeros(1, 4, 4, 4))
+    with pytest.raises(I2VEditError, match="does not fit"):
+        h.denoise(z0, 1.0, [wrong_size])
+    wrong_frames = SVDCond(cond.clip_embed, torch.zeros(3, 4, H // 8, W // 8))
+    with pytest.raises(I2VEditError, match="frames"):
+        h.denoise(z0, 1.0, [wrong_frames])
+    with pytest.raises(I2VEditError, match="CFG scales"):
+        CFGDenoiser(h, cond, cond.unconditional(), cfg_ramp(F + 1))(z0, torch.ones(F))
