@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from i2vedit.errors import I2VEditError
+from .errors import I2VEditError
 
 ResizeMode = Literal["stretch", "pad"]
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from i2vedit.clips import sample_frame_indices
-from i2vedit.errors import I2VEditError, VideoReadError
+from .clips import sample_frame_indices
+from .errors import I2VEditError, VideoReadError
 
 _CONVERT_HINT = "convert it to mp4 (H.264), e.g. ffmpeg -i input -c:v libx264 -pix_fmt yuv420p output.mp4"
 
