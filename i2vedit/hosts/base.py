@@ -145,6 +145,12 @@ class SVDHost(Protocol):
         ...
 
 
+def check_cfg(cfg: torch.Tensor, frames: int) -> None:
+    """Raise a clear error unless ``cfg`` holds one scale per frame."""
+    if cfg.ndim != 1 or cfg.shape[0] != frames:
+        raise I2VEditError(f"got {tuple(cfg.shape)} CFG scales for {frames} frames; give one per frame.")
+
+
 def combine_cfg(uncond: torch.Tensor, cond: torch.Tensor, cfg: torch.Tensor) -> torch.Tensor:
     """uncond + w_f·(cond − uncond) with one scale per frame (frames on dim 0)."""
     w = cfg.to(cond.device, cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
@@ -169,10 +175,7 @@ class CFGDenoiser:
         self.calls += 1
         if self.uncond is None or self.cfg is None:
             return self.host.denoise(x, sigma, [self.cond], transformer_options=opts)[0]
-        if self.cfg.shape[0] != x.shape[0]:
-            raise I2VEditError(
-                f"got {self.cfg.shape[0]} CFG scales for {x.shape[0]} frames; give one per frame."
-            )
+        check_cfg(self.cfg, x.shape[0])
         out = self.host.denoise(x, sigma, [self.uncond, self.cond], transformer_options=opts)
         return combine_cfg(out[0], out[1], self.cfg)
 

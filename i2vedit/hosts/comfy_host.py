@@ -25,7 +25,7 @@ import torch
 
 from ..errors import I2VEditError, NotSVDModelError
 from . import tiny
-from .base import COND, SamplerFn, SVDCond, combine_cfg, sigma_scalar
+from .base import COND, SamplerFn, SVDCond, check_cfg, combine_cfg, sigma_scalar
 
 
 def check_svd_model(model: Any) -> comfy.model_patcher.ModelPatcher:
@@ -165,10 +165,7 @@ class ComfySVDHost:
             guider = self._guider({"positive": cond})
             guider.set_cfg(1.0)
         else:
-            if cfg.shape[0] != x.shape[0]:
-                raise I2VEditError(
-                    f"got {cfg.shape[0]} CFG scales for {x.shape[0]} frames; give one per frame."
-                )
+            check_cfg(cfg, x.shape[0])
             scales = cfg.float()
 
             def per_frame_cfg(args: dict[str, torch.Tensor]) -> torch.Tensor:
