@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .clips import from_signed, to_bchw, to_signed
 from .errors import I2VEditError
 
 THRESHOLD = 0.001
@@ -30,7 +31,7 @@ def _check_image(frames: torch.Tensor) -> None:
 def smooth_mask(frames: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
     """Boolean (F, H, W) mask of pixels in flat areas of ``frames`` (IMAGE layout, values in [0, 1])."""
     _check_image(frames)
-    x = frames.to(torch.float32).permute(0, 3, 1, 2) * 2.0 - 1.0  # (F, C, H, W) in [-1, 1]
+    x = to_signed(to_bchw(frames.to(torch.float32)))  # (F, C, H, W) in [-1, 1]
     c = x.shape[1]
     kx = _SOBEL_X.to(x.device)
     weight = torch.stack([kx, kx.t()]).unsqueeze(1).repeat(c, 1, 1, 1)  # per channel: gx, gy
@@ -61,9 +62,9 @@ def sarp(
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn(frames.shape, generator=generator, dtype=torch.float32).to(frames.device)
-    signed = frames.to(torch.float32) * 2.0 - 1.0
+    signed = to_signed(frames.to(torch.float32))
     perturbed = torch.where(mask.unsqueeze(-1), (signed + noise_scale * noise).clamp(-1.0, 1.0), signed)
-    out = ((perturbed + 1.0) * 0.5).to(frames.dtype)
+    out = from_signed(perturbed).to(frames.dtype)
     # Pixels outside the mask come back bit-identical rather than through the [-1, 1] round trip.
     out = torch.where(mask.unsqueeze(-1), out, frames)
     return out, mask

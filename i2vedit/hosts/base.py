@@ -168,11 +168,9 @@ class CFGDenoiser:
         cfg: torch.Tensor | None = None,
     ) -> None:
         self.host, self.cond, self.uncond, self.cfg = host, cond, uncond, cfg
-        self.calls = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict | None = None, **_: Any):
         opts = (model_options or {}).get("transformer_options")
-        self.calls += 1
         if self.uncond is None or self.cfg is None:
             return self.host.denoise(x, sigma, [self.cond], transformer_options=opts)[0]
         check_cfg(self.cfg, x.shape[0])
