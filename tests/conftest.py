@@ -45,3 +45,25 @@ def tiny_diffusers_host():
     from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
 
     return build_tiny_diffusers_host(seed=0)
+
+
+def sharpen_self_attention(host, factor: float = 3.0):
+    """Scale the 32 self-attention layers' query/key projections so random-weight maps are peaked.
+
+    With default random initialisation every attention map is nearly uniform and matching would
+    barely change anything; tests of it then prove little (architecture.md, "Testing").
+    """
+    import torch
+
+    from i2vedit.layers import POSITIONS
+
+    if hasattr(host, "unet"):
+        root, names = host.unet, [n for p in POSITIONS for n in (p.diffusers_spatial, p.diffusers_temporal)]
+    else:
+        root = host.patcher.model.diffusion_model
+        names = [n for p in POSITIONS for n in (p.comfy_spatial, p.comfy_temporal)]
+    with torch.no_grad():
+        for name in names:
+            for proj in ("to_q", "to_k"):
+                root.get_submodule(f"{name}.{proj}").weight.mul_(factor)
+    return host

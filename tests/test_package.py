@@ -34,6 +34,8 @@ def test_core_imports_without_any_model_library(tmp_path):
         sys.path.insert(0, sys.argv[1])
         import i2vedit.sarp, i2vedit.schedules, i2vedit.samplers, i2vedit.clips, i2vedit.video_io
         import i2vedit.edm, i2vedit.layers, i2vedit.hosts.base, i2vedit.hosts.keymap
+        import i2vedit.attention, i2vedit.control, i2vedit.inversion, i2vedit.matched, i2vedit.memtrack
+        import i2vedit.lora_targets, i2vedit.lora_file
         spec = importlib.util.spec_from_file_location("pack", sys.argv[1] + "/__init__.py")
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
         heavy = [m for m in ("comfy", "diffusers", "transformers", "peft") if m in sys.modules]

@@ -14,6 +14,7 @@ Conventions shared by every host:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
@@ -144,6 +145,10 @@ class SVDHost(Protocol):
         """IMAGE frames from raw latents, decoding ``chunk`` frames at a time (temporal decoder)."""
         ...
 
+    def fingerprint(self) -> str:
+        """Identifies the base SVD weights (``weights_fingerprint``); equal across hosts for equal weights."""
+        ...
+
 
 def check_cfg(cfg: torch.Tensor, frames: int) -> None:
     """Raise a clear error unless ``cfg`` holds one scale per frame."""
@@ -186,3 +191,19 @@ def sigma_scalar(sigma: torch.Tensor | float) -> float:
             raise I2VEditError("all frames of one video must share one sigma per model call.")
         return float(flat[0])
     return float(sigma)
+
+
+FINGERPRINT_KEYS = ("conv_in.weight", "time_embedding.linear_1.weight", "conv_out.weight")
+"""diffusers names of the UNet tensors a fingerprint reads: none of them is a motion-LoRA target."""
+
+
+def weights_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
+    """A short id of a UNet from the ``FINGERPRINT_KEYS`` tensors: their shapes and rounded sums.
+
+    Sums are rounded to 4 significant digits so an fp16 and an fp32 copy of one checkpoint agree.
+    """
+    parts = []
+    for t in tensors:
+        t64 = t.detach().to("cpu", torch.float64)
+        parts.append(f"{'x'.join(map(str, t.shape))}:{float(t64.sum()):.4g}:{float(t64.abs().sum()):.4g}")
+    return "svd-" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import comfy.clip_vision
+import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -23,9 +24,21 @@ import comfy.sd
 import comfy.supported_models
 import torch
 
+from ..control import CONTROLLER_KEY, TEMPORAL_KEY, AttnCall, chunk_kinds
 from ..errors import I2VEditError, NotSVDModelError
+from ..layers import POSITIONS, AttentionPosition
 from . import tiny
-from .base import COND, SamplerFn, SVDCond, check_cfg, combine_cfg, sigma_scalar
+from .base import (
+    COND,
+    FINGERPRINT_KEYS,
+    SamplerFn,
+    SVDCond,
+    check_cfg,
+    combine_cfg,
+    sigma_scalar,
+    weights_fingerprint,
+)
+from .keymap import diffusers_to_comfy_key
 
 
 def check_svd_model(model: Any) -> comfy.model_patcher.ModelPatcher:
@@ -87,6 +100,51 @@ class _DirectSampler(comfy.samplers.Sampler):
         return self.fn(model_k, x, sigmas, extra_args=extra_args, callback=self.callback, disable=disable)
 
 
+def _attn1_replace(pos: AttentionPosition) -> Callable:
+    """The attn1 replace patch of one transformer position: hands the call to the step's controller."""
+
+    def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+        heads = extra["n_heads"]
+
+        def attend(q_, k_, v_, h_):
+            fn = comfy.ldm.modules.attention.optimized_attention  # read at call time: users may swap it
+            return fn(q_, k_, v_, h_, attn_precision=extra.get("attn_precision"), transformer_options=extra)
+
+        ctrl = extra.get(CONTROLLER_KEY)
+        if ctrl is None:
+            return attend(q, k, v, heads)
+        kinds = chunk_kinds(extra.get("cond_or_uncond"), q.shape[0])
+        return ctrl(q, k, v, AttnCall(pos.index, bool(extra.get(TEMPORAL_KEY)), heads, kinds, attend))
+
+    return patch
+
+
+def _tag_temporal(forward: Callable) -> Callable:
+    """Wraps a temporal block's ``forward`` so the patches it fires know they are temporal."""
+
+    def tagged(x, context=None, transformer_options={}, **kw):  # noqa: B006  (ComfyUI's own signature)
+        opts = dict(transformer_options)
+        opts[TEMPORAL_KEY] = True
+        return forward(x, context=context, transformer_options=opts, **kw)
+
+    return tagged
+
+
+def with_attention_control(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
+    """A clone of an SVD MODEL whose 32 self-attention layers consult ``transformer_options``' controller.
+
+    Spatial and temporal blocks fire the same attn1 replace patch (one per transformer position);
+    temporal calls are told apart by an object patch on each ``time_stack.0.forward``, never by
+    shapes. Without a controller the patches compute ComfyUI's own attention. ``model`` is untouched.
+    """
+    m = model.clone()
+    for pos in POSITIONS:
+        m.set_model_attn1_replace(_attn1_replace(pos), *pos.comfy_patch_key)
+        name = f"diffusion_model.{pos.comfy_prefix}.time_stack.0.forward"
+        m.add_object_patch(name, _tag_temporal(m.get_model_object(name)))
+    return m
+
+
 class ComfySVDHost:
     """SVD through ComfyUI's ModelPatcher; see ``i2vedit.hosts.base`` for the protocol's conventions."""
 
@@ -95,16 +153,30 @@ class ComfySVDHost:
     def __init__(self, model: Any, clip_vision: Any = None, vae: Any = None) -> None:
         self.patcher = check_svd_model(model)
         self.clip_vision, self.vae = clip_vision, vae
+        self._controlled: comfy.model_patcher.ModelPatcher | None = None
+
+    @property
+    def controlled_patcher(self) -> comfy.model_patcher.ModelPatcher:
+        """The MODEL clone with attention control, made once (the user's MODEL is never patched)."""
+        if self._controlled is None:
+            self._controlled = with_attention_control(self.patcher)
+        return self._controlled
+
+    def fingerprint(self) -> str:
+        unet = self.patcher.model.diffusion_model
+        params = dict(unet.named_parameters())
+        return weights_fingerprint([params[diffusers_to_comfy_key(k)] for k in FINGERPRINT_KEYS])
 
     @property
     def device(self) -> torch.device:
         return self.patcher.load_device
 
     def _guider(
-        self, conds: dict[str, SVDCond], model_options: dict | None = None
+        self, conds: dict[str, SVDCond], model_options: dict | None = None, controlled: bool = False
     ) -> comfy.samplers.CFGGuider:
-        guider = comfy.samplers.CFGGuider(self.patcher)
-        guider.model_options = comfy.model_patcher.create_model_options_clone(self.patcher.model_options)
+        patcher = self.controlled_patcher if controlled else self.patcher
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
         if model_options:
             guider.model_options.update(model_options)
         guider.inner_set_conds({k: to_conditioning(c) for k, c in conds.items()})
@@ -120,6 +192,7 @@ class ComfySVDHost:
         out = guider.sample(zeros, zeros, sampler, sigmas.float(), disable_pbar=bool(disable))
         return self.patcher.model.process_latent_in(out).float().cpu()
 
+    @torch.no_grad()
     def denoise(
         self,
         x: torch.Tensor,
@@ -132,7 +205,8 @@ class ComfySVDHost:
         s = sigma_scalar(sigma)
         order = sorted(range(len(conds)), key=lambda i: conds[i].kind != COND)  # ComfyUI's chunk 0 is cond
         keys = [f"c{i}" for i in order]
-        guider = self._guider({f"c{i}": conds[i] for i in order})
+        controlled = bool(transformer_options) and CONTROLLER_KEY in transformer_options
+        guider = self._guider({f"c{i}": conds[i] for i in order}, controlled=controlled)
         results: list[torch.Tensor] = []
 
         def one_call(model_k, x_in, sigmas, extra_args=None, callback=None, disable=None):
@@ -161,8 +235,9 @@ class ComfySVDHost:
         transformer_options: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         cond.check(x)
+        controlled = bool(transformer_options) and CONTROLLER_KEY in transformer_options
         if uncond is None or cfg is None:
-            guider = self._guider({"positive": cond})
+            guider = self._guider({"positive": cond}, controlled=controlled)
             guider.set_cfg(1.0)
         else:
             check_cfg(cfg, x.shape[0])
@@ -172,7 +247,7 @@ class ComfySVDHost:
                 return combine_cfg(args["uncond"], args["cond"], scales)
 
             guider = self._guider(
-                {"positive": cond, "negative": uncond}, {"sampler_cfg_function": per_frame_cfg}
+                {"positive": cond, "negative": uncond}, {"sampler_cfg_function": per_frame_cfg}, controlled
             )
             guider.set_cfg(float(scales.max()))
         return self._run(guider, sampler, x, sigmas, callback, disable, transformer_options)

@@ -14,9 +14,62 @@ from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionM
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from .. import edm
+from ..attention import sdpa_attention
+from ..control import CONTROLLER_KEY, AttnCall, chunk_kinds
 from ..errors import I2VEditError
+from ..layers import POSITIONS
 from . import tiny
-from .base import COND, CFGDenoiser, SamplerFn, SVDCond, sigma_scalar
+from .base import COND, FINGERPRINT_KEYS, CFGDenoiser, SamplerFn, SVDCond, sigma_scalar, weights_fingerprint
+
+
+class _CallOptions:
+    """The ``transformer_options`` of the current UNet call, shared by the UNet's 32 processors."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] = {}
+
+
+class ControlledSelfAttention:
+    """A diffusers attention processor for one of the 32 self-attention layers.
+
+    Without a controller in the call's ``transformer_options`` it computes exactly what diffusers'
+    ``AttnProcessor2_0`` does; with one it hands q, k, v (after the projections) to it.
+    """
+
+    def __init__(self, box: _CallOptions, index: int, temporal: bool) -> None:
+        self.box, self.index, self.temporal = box, index, temporal
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise I2VEditError("the I2VEdit processor serves self-attention without masks only.")
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        opts = self.box.options
+        ctrl = opts.get(CONTROLLER_KEY)
+        if ctrl is None:
+            out = sdpa_attention(q, k, v, attn.heads)
+        else:
+            kinds = chunk_kinds(opts.get("cond_or_uncond"), q.shape[0])
+            out = ctrl(q, k, v, AttnCall(self.index, self.temporal, attn.heads, kinds, sdpa_attention))
+        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def install_attention_control(unet: UNetSpatioTemporalConditionModel) -> _CallOptions:
+    """Give the UNet's 16 spatial and 16 temporal self-attention layers controllable processors (once).
+
+    The processors compute what diffusers' default does unless a call's options hold a controller.
+    The options box travels with the UNet (a deep copy gets its own), so hosts find it there.
+    """
+    box = getattr(unet, "_i2v_call_options", None)
+    if box is None:
+        box = _CallOptions()
+        for pos in POSITIONS:
+            for name, temporal in ((pos.diffusers_spatial, False), (pos.diffusers_temporal, True)):
+                unet.get_submodule(name).set_processor(ControlledSelfAttention(box, pos.index, temporal))
+        unet._i2v_call_options = box
+    return box
 
 
 class DiffusersSVDHost:
@@ -41,8 +94,16 @@ class DiffusersSVDHost:
         self.dtype = dtype
         self.clip_mean = torch.tensor(clip_mean).view(1, 3, 1, 1)
         self.clip_std = torch.tensor(clip_std).view(1, 3, 1, 1)
-        # What the attention processors read: the step, phase and CFG chunk order of the call.
-        self.transformer_options: dict[str, Any] = {}
+        install_attention_control(self.unet)
+
+    @property
+    def transformer_options(self) -> dict[str, Any]:
+        """What the attention processors read during a call: step, phase, controller, CFG chunk order."""
+        return install_attention_control(self.unet).options
+
+    def fingerprint(self) -> str:
+        params = dict(self.unet.named_parameters())
+        return weights_fingerprint([params[k] for k in FINGERPRINT_KEYS])
 
     @property
     def device(self) -> torch.device:
@@ -72,9 +133,10 @@ class DiffusersSVDHost:
         )
         context = torch.cat([c.clip_embed.to(dev) for c in conds])
         ids = torch.tensor([c.time_ids.as_list() for c in conds], device=dev)
-        self.transformer_options = dict(transformer_options or {})
-        self.transformer_options["cond_or_uncond"] = [0 if c.kind == COND else 1 for c in conds]
-        self.transformer_options["sigmas"] = torch.tensor([s])
+        opts = dict(transformer_options or {})
+        opts["cond_or_uncond"] = [0 if c.kind == COND else 1 for c in conds]
+        opts["sigmas"] = torch.tensor([s])
+        install_attention_control(self.unet).options = opts
         timestep = edm.c_noise(torch.tensor(s, dtype=torch.float32)).to(dev)
         v = self.unet(
             sample.to(self.dtype),
