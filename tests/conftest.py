@@ -67,3 +67,19 @@ def sharpen_self_attention(host, factor: float = 3.0):
             for proj in ("to_q", "to_k"):
                 root.get_submodule(f"{name}.{proj}").weight.mul_(factor)
     return host
+
+
+def align_groupnorm_eps(diffusers_host):
+    """diffusers builds SVD's resnet GroupNorms with eps 1e-6, ComfyUI (like Stability's sgm) with 1e-5."""
+    import copy
+
+    import torch
+
+    aligned = copy.copy(diffusers_host)
+    aligned.unet = copy.deepcopy(diffusers_host.unet)
+    changed = 0
+    for name, mod in aligned.unet.named_modules():
+        if isinstance(mod, torch.nn.GroupNorm) and "_res_block" in name and mod.eps != 1e-5:
+            mod.eps, changed = 1e-5, changed + 1
+    assert changed == 72
+    return aligned

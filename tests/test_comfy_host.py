@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import align_groupnorm_eps
 
 from i2vedit import samplers, schedules
 from i2vedit.errors import NotSVDModelError
@@ -25,20 +26,6 @@ def cond():
     return SVDCond(
         torch.randn(1, 1, 64, generator=g), torch.randn(1, 4, h, w, generator=g), TimeIds(6, 127, 0.02)
     )
-
-
-def _align_groupnorm_eps(diffusers_host):
-    """diffusers builds SVD's resnet GroupNorms with eps 1e-6, ComfyUI (like Stability's sgm) with 1e-5."""
-    import copy
-
-    aligned = copy.copy(diffusers_host)
-    aligned.unet = copy.deepcopy(diffusers_host.unet)
-    changed = 0
-    for name, mod in aligned.unet.named_modules():
-        if isinstance(mod, torch.nn.GroupNorm) and "_res_block" in name and mod.eps != 1e-5:
-            mod.eps, changed = 1e-5, changed + 1
-    assert changed == 72
-    return aligned
 
 
 def test_full_size_svd_goes_through_comfy_model_detection(comfy):
@@ -70,7 +57,7 @@ def test_full_size_svd_goes_through_comfy_model_detection(comfy):
 
 def test_same_denoiser_output_as_diffusers_on_identical_weights(hosts, cond):
     comfy_host, diffusers_host = hosts
-    aligned = _align_groupnorm_eps(diffusers_host)
+    aligned = align_groupnorm_eps(diffusers_host)
     x = torch.randn(F, 4, h, w, generator=torch.Generator().manual_seed(2))
     for sigma in (700.0, 10.0, 0.1):
         conds = [cond.unconditional(), cond]
@@ -86,7 +73,7 @@ def test_same_denoiser_output_as_diffusers_on_identical_weights(hosts, cond):
 
 def test_same_sampling_as_diffusers_with_per_frame_cfg(hosts, cond):
     comfy_host, diffusers_host = hosts
-    aligned = _align_groupnorm_eps(diffusers_host)
+    aligned = align_groupnorm_eps(diffusers_host)
     x = torch.randn(F, 4, h, w, generator=torch.Generator().manual_seed(3)) * 700
     sig = schedules.denoise_sigmas(3)
     args = (samplers.sample_euler_denoise, x, sig, cond, cond.unconditional(), cfg_ramp(F, 1.0, 2.5))

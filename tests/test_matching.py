@@ -235,3 +235,19 @@ def test_a_kv_source_of_another_resolution_is_refused_before_sampling(host, clip
         assert len(calls) == n
     finally:
         del host.denoise
+
+
+def test_source_kv_for_lora_training_picks_the_inversion_step_just_below_sigma(host, inversions):
+    from i2vedit.schedules import sigma_to_inversion_step
+
+    cached, replayed = SourceKV(host, inversions["cache"]), SourceKV(host, inversions["recompute"])
+    assert cached.cached and not replayed.cached
+    sigma = 2.0
+    step = sigma_to_inversion_step(sigma, STEPS)
+    assert float(inversions["cache"].sigmas[step]) < sigma < float(inversions["cache"].sigmas[step + 1])
+    got, again = cached.for_sigma(sigma), replayed.for_sigma(sigma)
+    assert got is inversions["cache"].captures[step]
+    for layer in range(16):
+        torch.testing.assert_close(
+            again.kv[layer]["cond"][0].cpu(), got.kv[layer]["cond"][0], atol=1e-6, rtol=1e-5
+        )
