@@ -15,3 +15,11 @@ class VideoReadError(I2VEditError):
 
 class NotSVDModelError(I2VEditError):
     """A model given to an SVD host that is not Stable Video Diffusion."""
+
+
+class LoRAError(I2VEditError):
+    """A motion LoRA that does not fit the model or the settings it is used with."""
+
+
+class LoRAFileError(LoRAError):
+    """A motion LoRA file that cannot be read or written, or is not a motion LoRA of this pack's kind."""
