@@ -111,6 +111,13 @@ class MatchedResult:
     kv_captures: list[StepCapture] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    def frame_masks(self, height: int, width: int) -> torch.Tensor:
+        """The difference masks at frame size, (frames, height, width) in [0, 1], like a ComfyUI MASK."""
+        if self.masks is None:
+            raise I2VEditError("this denoising ran without attention matching, so it has no difference masks.")
+        up = torch.nn.functional.interpolate(self.masks[:, None], size=(height, width), mode="bilinear")
+        return up[:, 0].clamp(0, 1)
+
     def stored_bytes(self) -> int:
         total = self.trajectory.numel() * self.trajectory.element_size()
         if self.kv_captures:

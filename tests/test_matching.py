@@ -120,6 +120,9 @@ def test_cache_mode_equals_recompute_mode(host, clip, inversions):
     assert _rel(rec.latents, plain.latents) > 1e-3, "matching must change the edit"
     assert plain.masks is None and rec.masks.shape == (F, h, w)
     assert float(rec.masks.min()) >= 0.0 and float(rec.masks.max()) <= 1.0
+    frame_masks = rec.frame_masks(8 * h, 8 * w)
+    assert frame_masks.shape == (F, 8 * h, 8 * w)
+    assert abs(float(frame_masks.mean()) - float(rec.masks.mean())) < 0.05
 
 
 def test_denoising_the_inversion_with_the_source_frame_reconstructs_the_source(host, clip, inversions):
