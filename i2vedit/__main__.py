@@ -1,4 +1,4 @@
-"""Command line: ``python -m i2vedit bench attention``."""
+"""Command line: ``python -m i2vedit bench attention|lora``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="print benchmark numbers as one JSON object")
-    bench.add_argument("what", choices=["attention"], help="attention: memory and time of attention matching")
+    bench.add_argument(
+        "what",
+        choices=["attention", "lora"],
+        help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory",
+    )
     bench.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
     return parser
 
@@ -27,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.reps < 1:
             print("error: --reps must be at least 1", file=sys.stderr)
             return 2
-        print(json.dumps(bench.bench_attention(reps=args.reps), indent=2))
+        result = bench.bench_attention(reps=args.reps) if args.what == "attention" else bench.bench_lora()
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -205,3 +205,45 @@ def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps
         },
         "reconstruction_rel_error_tiny_25_steps": {"plain": rec_plain, "matched": rec_matched},
     }
+
+
+def bench_lora(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), steps: int = 6) -> dict[str, Any]:
+    """Seconds per training step and peak tensor memory on the tiny model, with and without checkpointing."""
+    from .hosts.diffusers_host import build_tiny_diffusers_host
+    from .hosts.diffusers_lora import DiffusersLoRATrainer
+    from .lora_targets import lora_param_count, target_shapes
+    from .lora_train import TrainConfig, train_motion_lora
+
+    host = build_tiny_diffusers_host(seed=0)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(frames, 4, *latent_hw, generator=g)
+    first = torch.randn(1, 4, *latent_hw, generator=g)
+    emb = torch.randn(1, 1, tiny.CONTEXT_DIM, generator=g)
+    out: dict[str, Any] = {
+        "model": "tiny random SVD (diffusers host, CPU)",
+        "frames": frames,
+        "latent_hw": list(latent_hw),
+        "rank": 32,
+        "lora_params_tiny": lora_param_count(target_shapes(host.unet, "temporal", "diffusers"), 32),
+        "lora_params_full_svd_rank32": 17_821_696,
+    }
+    for checkpointing in (False, True):
+        trainer = DiffusersLoRATrainer(host, rank=32, gradient_checkpointing=checkpointing)
+        cfg = TrainConfig(rank=32, steps=1)
+        train_motion_lora(trainer, z, first, emb, cfg)  # warm-up
+        times: list[float] = []
+        last = [time.perf_counter()]
+
+        def tick(_info, times=times, last=last):
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+        with track_allocations() as mem:
+            last[0] = time.perf_counter()
+            train_motion_lora(trainer, z, first, emb, TrainConfig(rank=32, steps=steps), callback=tick)
+        key = "with_checkpointing" if checkpointing else "without_checkpointing"
+        out[key] = {"seconds_per_step": statistics.median(times), "peak_tensor_bytes": mem.peak_bytes}
+    out["seconds_per_step"] = out["without_checkpointing"]["seconds_per_step"]
+    out["peak_memory_bytes"] = out["without_checkpointing"]["peak_tensor_bytes"]
+    return out

@@ -35,7 +35,7 @@ def test_core_imports_without_any_model_library(tmp_path):
         import i2vedit.sarp, i2vedit.schedules, i2vedit.samplers, i2vedit.clips, i2vedit.video_io
         import i2vedit.edm, i2vedit.layers, i2vedit.hosts.base, i2vedit.hosts.keymap
         import i2vedit.attention, i2vedit.control, i2vedit.inversion, i2vedit.matched, i2vedit.memtrack
-        import i2vedit.lora_targets, i2vedit.lora_file
+        import i2vedit.lora_targets, i2vedit.lora_file, i2vedit.lora_train, i2vedit.bench
         spec = importlib.util.spec_from_file_location("pack", sys.argv[1] + "/__init__.py")
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
         heavy = [m for m in ("comfy", "diffusers", "transformers", "peft") if m in sys.modules]

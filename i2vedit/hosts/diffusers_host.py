@@ -117,6 +117,16 @@ class DiffusersSVDHost:
         conds: Sequence[SVDCond],
         transformer_options: dict[str, Any] | None = None,
     ) -> torch.Tensor:
+        return self.denoise_with_grad(x, sigma, conds, transformer_options)
+
+    def denoise_with_grad(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        conds: Sequence[SVDCond],
+        transformer_options: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """``denoise`` without switching gradients off, for training."""
         if x.ndim != 4:
             raise I2VEditError(f"latents must be (frames, 4, h, w), got {tuple(x.shape)}.")
         for c in conds:

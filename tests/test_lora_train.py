@@ -1,0 +1,203 @@
+"""Motion LoRA training: host-free parts, and the diffusers host (peft on a private copy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from i2vedit.errors import I2VEditError, LoRAError
+from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
+from i2vedit.hosts.diffusers_lora import DiffusersLoRATrainer, diffusers_lora_host
+from i2vedit.lora_file import load_lora, save_lora
+from i2vedit.lora_train import (
+    LoRATrainingError,
+    TrainConfig,
+    draw_step,
+    evaluate_objective,
+    train_motion_lora,
+    training_sigma,
+    training_size,
+)
+
+F, H, W = 4, 8, 16
+
+
+def clip_latents():
+    """A smooth moving pattern: something a temporal LoRA can fit."""
+    yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    frames = [
+        torch.stack([torch.sin(xx / 3 + f * 0.8 + c) * torch.cos(yy / 4 - c) for c in range(4)])
+        for f in range(F)
+    ]
+    z = torch.stack(frames)
+    return z, z[:1] / 0.18215, torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def host():
+    return build_tiny_diffusers_host(seed=0)
+
+
+def test_training_sigma_follows_the_cosine_interpolated_sampler():
+    u = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    got = training_sigma(u)
+    expected = torch.tensor([700.0, 5.9, 2.03, 0.71, 0.25, 0.087, 0.002])  # method.md §5.4 quantiles
+    assert torch.allclose(got, expected, rtol=0.03)
+    assert bool((got[1:] < got[:-1]).all())
+
+
+def test_step_draws_are_seeded_per_step():
+    a, b = draw_step(3, 5, (F, 4, H, W)), draw_step(3, 5, (F, 4, H, W))
+    assert a.sigma == b.sigma and torch.equal(a.noise, b.noise) and torch.equal(a.cond_noise, b.cond_noise)
+    c = draw_step(3, 6, (F, 4, H, W))
+    assert not torch.equal(a.noise, c.noise)
+    assert a.cond_noise.shape == (1, 4, H, W)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"), [((576, 1024), (512, 896)), ((1024, 576), (896, 512)), ((512, 512), (704, 704))]
+)
+def test_training_size_keeps_the_aspect_near_512x896_pixels(size, expected):
+    assert training_size(*size) == expected
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [({"rank": 0}, "rank"), ({"steps": 0}, "at least 1 step"), ({"dropout": 1.0}, "dropout"),
+     ({"lr": 0.0}, "learning rate"), ({"target_set": "spatial"}, "spatial")],
+)  # fmt: skip
+def test_bad_training_settings_are_refused(kw, needle):
+    with pytest.raises(I2VEditError) as e:
+        TrainConfig(**kw).validate()
+    assert needle in str(e.value)
+
+
+def test_a_rank_larger_than_a_layer_is_refused(host):
+    with pytest.raises(I2VEditError, match="rank"):
+        DiffusersLoRATrainer(host, rank=10_000)
+
+
+def _cfg(**kw):
+    base = {"rank": 8, "steps": 4, "lr": 1e-2, "checkpoint_every": 2}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_the_objective_falls_and_the_base_model_is_untouched(host):
+    before = {k: v.clone() for k, v in host.unet.state_dict().items()}
+    z, first, emb = clip_latents()
+    trainer = DiffusersLoRATrainer(host, rank=8)
+    cfg = _cfg(steps=40)
+    draws = [draw_step(123, i, tuple(z.shape)) for i in range(8)]
+    start = evaluate_objective(trainer, z, first, emb, cfg, draws)
+    result = train_motion_lora(trainer, z, first, emb, cfg)
+    end = evaluate_objective(trainer, z, first, emb, cfg, draws)
+    print(f"\nobjective before {start:.4f} after {end:.4f}")
+    assert end < 0.93 * start
+    assert result.steps_done == 40 and len(result.weights.modules) == 192
+    after = host.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_save_then_load_gives_the_same_model_output(host, tmp_path):
+    z, first, emb = clip_latents()
+    trainer = DiffusersLoRATrainer(host, rank=8)
+    result = train_motion_lora(trainer, z, first, emb, _cfg(steps=3))
+    path = save_lora(tmp_path / "clip0.safetensors", result.weights)
+    loaded = load_lora(path)
+    assert loaded.steps == 3 and loaded.rank == 8 and loaded.target_set == "temporal"
+    fresh = diffusers_lora_host(host, loaded)
+    trainer.set_dropout(False)
+    cond = trainer_cond(first, emb)
+    x = torch.randn(F, 4, H, W, generator=torch.Generator().manual_seed(2))
+    live = trainer.host.denoise(x, 1.5, [cond])
+    assert (fresh.denoise(x, 1.5, [cond]) - live).abs().max() < 1e-6
+    assert (host.denoise(x, 1.5, [cond]) - live).abs().max() > 1e-4, "the LoRA must change the model"
+
+
+def trainer_cond(first, emb):
+    from i2vedit.hosts.base import SVDCond
+    from i2vedit.lora_train import TRAIN_TIME_IDS
+
+    return SVDCond(emb, first, TRAIN_TIME_IDS)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(host, tmp_path):
+    z, first, emb = clip_latents()
+    full = train_motion_lora(
+        DiffusersLoRATrainer(host, rank=8), z, first, emb, _cfg(), checkpoint_dir=tmp_path
+    )
+    ckpt = tmp_path / "checkpoint-00002.safetensors"
+    assert ckpt.is_file() and (tmp_path / "checkpoint-00004.safetensors").is_file()
+    resumed = train_motion_lora(DiffusersLoRATrainer(host, rank=8), z, first, emb, _cfg(), resume_from=ckpt)
+    assert resumed.steps_done == 4 and len(resumed.losses) == 2
+    assert resumed.losses == full.losses[2:]
+    for name, pair in full.weights.modules.items():
+        other = resumed.weights.modules[name]
+        assert torch.equal(pair.down, other.down) and torch.equal(pair.up, other.up)
+
+
+def test_an_interrupt_between_steps_returns_the_lora_trained_so_far(host):
+    z, first, emb = clip_latents()
+    seen = []
+    result = train_motion_lora(
+        DiffusersLoRATrainer(host, rank=8), z, first, emb, _cfg(steps=10),
+        callback=lambda info: seen.append(info["step"]), should_stop=lambda: len(seen) >= 2,
+    )  # fmt: skip
+    assert result.interrupted and result.steps_done == 2 and result.weights.steps == 2
+    two = train_motion_lora(DiffusersLoRATrainer(host, rank=8), z, first, emb, _cfg(steps=2))
+    name = next(iter(two.weights.modules))
+    assert torch.equal(two.weights.modules[name].down, result.weights.modules[name].down)
+
+
+def test_a_forced_nan_stops_training_and_the_last_good_checkpoint_survives(host, tmp_path):
+    z, first, emb = clip_latents()
+    good = train_motion_lora(
+        DiffusersLoRATrainer(host, rank=8),
+        z,
+        first,
+        emb,
+        _cfg(steps=2, checkpoint_every=1),
+        checkpoint_dir=tmp_path,
+    )
+    ckpt = tmp_path / "checkpoint-00002.safetensors"
+    poisoned = z.clone()
+    poisoned[1, 0, 2, 3] = float("nan")
+    with pytest.raises(LoRATrainingError) as e:
+        train_motion_lora(
+            DiffusersLoRATrainer(host, rank=8), poisoned, first, emb, _cfg(steps=5, checkpoint_every=1),
+            checkpoint_dir=tmp_path, resume_from=ckpt,
+        )  # fmt: skip
+    err = e.value
+    assert "step 3 of 5" in str(err) and "lower learning rate" in str(err)
+    assert err.checkpoint == ckpt and err.step == 2
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.safetensors") if "optim" not in p.name) == [
+        "checkpoint-00001.safetensors", "checkpoint-00002.safetensors"
+    ]  # fmt: skip
+    survived = load_lora(ckpt)
+    for name, pair in good.weights.modules.items():
+        assert torch.equal(survived.modules[name].up, pair.up)
+        assert torch.equal(err.weights.modules[name].up, pair.up)
+        assert bool(torch.isfinite(err.weights.modules[name].down).all())
+
+
+def test_a_lora_from_another_model_or_target_set_is_refused_with_the_keys(host, tmp_path):
+    z, first, emb = clip_latents()
+    attn_only = train_motion_lora(
+        DiffusersLoRATrainer(host, rank=4, target_set="temporal_attention"), z, first, emb,
+        _cfg(rank=4, steps=1, target_set="temporal_attention"),
+    )  # fmt: skip
+    assert len(attn_only.weights.modules) == 128
+    loaded = load_lora(save_lora(tmp_path / "attn.safetensors", attn_only.weights))
+    assert loaded.target_set == "temporal_attention"
+    assert diffusers_lora_host(host, loaded) is not None  # fits its own target set
+    wide = build_tiny_diffusers_host(seed=0)
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from i2vedit.hosts.diffusers_host import DiffusersSVDHost, tiny_unet_config
+
+    cfg = tiny_unet_config()
+    cfg["block_out_channels"] = tuple(2 * c for c in cfg["block_out_channels"])
+    other = DiffusersSVDHost(UNetSpatioTemporalConditionModel(**cfg), wide.vae, wide.image_encoder)
+    with pytest.raises(LoRAError) as e:
+        diffusers_lora_host(other, loaded)
+    assert "time_stack" in str(e.value)
