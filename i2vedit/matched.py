@@ -114,7 +114,9 @@ class MatchedResult:
     def frame_masks(self, height: int, width: int) -> torch.Tensor:
         """The difference masks at frame size, (frames, height, width) in [0, 1], like a ComfyUI MASK."""
         if self.masks is None:
-            raise I2VEditError("this denoising ran without attention matching, so it has no difference masks.")
+            raise I2VEditError(
+                "this denoising ran without attention matching, so it has no difference masks."
+            )
         up = torch.nn.functional.interpolate(self.masks[:, None], size=(height, width), mode="bilinear")
         return up[:, 0].clamp(0, 1)
 
