@@ -220,7 +220,7 @@ def stack_frames(frames: Sequence[Tensor]) -> Tensor:
     return torch.stack(images, dim=0)
 
 
-def _resize(frames: Tensor, h: int, w: int) -> Tensor:
+def resize_frames(frames: Tensor, h: int, w: int) -> Tensor:
     """Bilinear antialiased resize of an IMAGE batch; returns the input unchanged when the size matches."""
     if frames.shape[1] == h and frames.shape[2] == w:
         return frames
@@ -263,7 +263,7 @@ class ResizePlan:
     def apply(self, frames: Tensor) -> Tensor:
         """Resize (and pad) source frames (F, src_h, src_w, C) to (F, dst_h, dst_w, C)."""
         self._check_frames(frames, self.src_h, self.src_w, "ResizePlan.apply")
-        content = _resize(frames, self.content_h, self.content_w)
+        content = resize_frames(frames, self.content_h, self.content_w)
         if self.content_h == self.dst_h and self.content_w == self.dst_w:
             return content
         out = frames.new_full((frames.shape[0], self.dst_h, self.dst_w, frames.shape[3]), self.fill)
@@ -274,7 +274,7 @@ class ResizePlan:
         """Undo :meth:`apply`: crop the content box of (F, dst_h, dst_w, C), resize it to the source size."""
         self._check_frames(frames, self.dst_h, self.dst_w, "ResizePlan.invert")
         content = frames[:, self.top : self.top + self.content_h, self.left : self.left + self.content_w]
-        return _resize(content, self.src_h, self.src_w)
+        return resize_frames(content, self.src_h, self.src_w)
 
     def pad_mask(self) -> Tensor:
         """A (dst_h, dst_w) bool tensor that is True on padding and False on content."""

@@ -162,6 +162,18 @@ class ComfySVDHost:
             self._controlled = with_attention_control(self.patcher)
         return self._controlled
 
+    def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
+        """A trainable LoRA'd clone of this MODEL (``lora_train.LoRATrainable``)."""
+        from .comfy_lora import ComfyLoRATrainer
+
+        return ComfyLoRATrainer(self, rank, target_set, dropout, **kw)
+
+    def with_lora(self, weights, strength: float = 1.0) -> ComfySVDHost:
+        """This host's MODEL with a motion LoRA applied through ComfyUI's stock loader (a clone)."""
+        from .comfy_lora import comfy_lora_host
+
+        return comfy_lora_host(self, weights, strength)
+
     def fingerprint(self) -> str:
         unet = self.patcher.model.diffusion_model
         params = dict(unet.named_parameters())

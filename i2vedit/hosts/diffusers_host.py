@@ -101,6 +101,18 @@ class DiffusersSVDHost:
         """What the attention processors read during a call: step, phase, controller, CFG chunk order."""
         return install_attention_control(self.unet).options
 
+    def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
+        """A trainable LoRA'd private copy of this UNet (``lora_train.LoRATrainable``)."""
+        from .diffusers_lora import DiffusersLoRATrainer
+
+        return DiffusersLoRATrainer(self, rank, target_set, dropout, **kw)
+
+    def with_lora(self, weights, strength: float = 1.0) -> DiffusersSVDHost:
+        """This host's model with a motion LoRA applied (this host is not changed)."""
+        from .diffusers_lora import diffusers_lora_host
+
+        return diffusers_lora_host(self, weights, strength)
+
     def fingerprint(self) -> str:
         params = dict(self.unet.named_parameters())
         return weights_fingerprint([params[k] for k in FINGERPRINT_KEYS])

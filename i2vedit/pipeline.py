@@ -1,0 +1,453 @@
+"""The whole edit of one video over any host: clips, inversion, motion LoRAs, matched denoising, chaining.
+
+``edit_video`` takes the source frames at the generation size and one or more edited first frames,
+and returns one edited video per edited frame (method.md §1):
+
+for each clip (``chunk`` frames, overlapping the previous clip by ``overlap``):
+  SARP → VAE latents → EDM inversion (base model) → motion LoRA (trained, or loaded from the reuse
+  folder) → for each edit: matched denoising with the LoRA, conditioned on the edited first frame
+  (clip 0) or on the previous edited clip's last frame (its final latent for the VAE branch, its
+  decoded frame for CLIP), attending to the first clip's K/V (skip-interval) → decode.
+
+All edits share each clip's inversion and LoRA. With a reuse folder every finished clip is saved
+(safetensors + a manifest), so a run can resume at clip k, and a second run of the same video and
+model reuses the inversions and LoRAs. ``edit_frames`` adds resizing/padding to a valid size and back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import clips as C
+from .control import MatchConfig
+from .errors import I2VEditError
+from .hosts.base import LATENT_SCALE, SVDCond, SVDHost, TimeIds
+from .inversion import Inversion, MemoryMode, check_mode, invert
+from .lora_file import load_lora, save_lora
+from .lora_train import TrainConfig, train_motion_lora, training_size
+from .matched import EditKV, MatchedClip, SourceKV
+from .sarp import sarp
+
+log = logging.getLogger("i2vedit")
+
+Progress = Callable[[dict[str, Any]], None]
+MANIFEST = "manifest.json"
+FORMAT = "i2vedit.pipeline/1"
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """Everything that shapes the result, with the paper's values as defaults."""
+
+    chunk: int = 14
+    overlap: int = 1
+    steps: int = 25
+    match: MatchConfig | None = MatchConfig()  # noqa: RUF009  (frozen dataclass)
+    cfg: tuple[float, float] = (1.0, 2.0)
+    mode: MemoryMode = "recompute"
+    skip_interval: bool = True
+    lora_steps: int = 250
+    lora_rank: int = 32
+    lora_lr: float = 5e-4
+    lora_target_set: str = "temporal"
+    train_size: tuple[int, int] | None = (
+        None  # None: about 512×896 at the clip's aspect, never above the video's
+    )
+    seed: int = 0
+    sarp_noise: float = 0.005
+    sarp_threshold: float = 0.001
+    inversion_fps_id: float = 8.0
+    decode_chunk: int = 8
+
+    def validate(self) -> EditSettings:
+        if self.chunk < 2:
+            raise I2VEditError(f"clip length must be at least 2 frames, got {self.chunk}.")
+        if not 0 <= self.overlap < self.chunk:
+            raise I2VEditError(f"overlap must lie in [0, clip length), got {self.overlap}.")
+        if self.steps < 1:
+            raise I2VEditError(f"denoising needs at least 1 step, got {self.steps}.")
+        check_mode(self.mode)
+        if self.match is not None:
+            self.match.validate()
+        TrainConfig(rank=self.lora_rank, steps=max(self.lora_steps, 1), lr=self.lora_lr,
+                    target_set=self.lora_target_set).validate()  # fmt: skip
+        if self.lora_steps < 0:
+            raise I2VEditError(f"LoRA steps must be 0 (no LoRA) or more, got {self.lora_steps}.")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a reuse folder's inversions and LoRAs depend on."""
+        return {
+            "chunk": self.chunk, "overlap": self.overlap, "steps": self.steps, "skip_interval": self.skip_interval,
+            "lora_steps": self.lora_steps, "lora_rank": self.lora_rank, "lora_lr": self.lora_lr,
+            "lora_target_set": self.lora_target_set, "train_size": self.train_size, "seed": self.seed,
+            "sarp": [self.sarp_noise, self.sarp_threshold], "inversion_fps_id": self.inversion_fps_id,
+        }  # fmt: skip
+
+
+@dataclass
+class EditResult:
+    videos: list[torch.Tensor]  # one (frames, H, W, 3) IMAGE per edited first frame
+    masks: list[torch.Tensor]  # one (frames, H, W) difference mask per edit (zeros without matching)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _seed(seed: int, *parts: int) -> int:
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def _gen(seed: int, *parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(seed, *parts))
+
+
+def _digest(t: torch.Tensor) -> str:
+    data = (t.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+    return hashlib.sha1(data.numpy().tobytes()).hexdigest()[:16]
+
+
+class _Timer:
+    def __init__(self, progress: Progress | None, clips: int) -> None:
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.progress, self.clips, self.t0 = progress, clips, time.perf_counter()
+
+    def stage(self, name: str, clip: int, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run ``fn(*args, **kw)`` as stage ``name`` of clip ``clip``: report progress, add up its time."""
+        if self.progress is not None:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / clip * (self.clips - clip) if clip else None
+            self.progress({"stage": name, "clip": clip, "clips": self.clips, "elapsed": elapsed, "eta": eta})
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return out
+
+
+class ReuseFolder:
+    """A folder holding per-clip inversions, LoRAs and edits of one video and model, with a manifest."""
+
+    def __init__(self, path: str | Path, identity: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.identity = identity
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise I2VEditError(
+                f"cannot write the reuse folder {self.path} ({e}); choose a writable folder."
+            ) from e
+        manifest = self.path / MANIFEST
+        if manifest.exists():
+            try:
+                old = json.loads(manifest.read_text())
+            except (OSError, ValueError) as e:
+                raise I2VEditError(
+                    f"{manifest} is unreadable ({e}); delete the folder or choose another."
+                ) from e
+            for key in ("format", "video", "model", "settings"):
+                if old.get(key) != identity.get(key):
+                    raise I2VEditError(
+                        f"the reuse folder {self.path} belongs to another {key} ({old.get(key)!r}, this run has "
+                        f"{identity.get(key)!r}); its inversions and LoRAs cannot be reused. Choose another folder."
+                    )
+        else:
+            manifest.write_text(json.dumps(identity, indent=1))
+
+    def clip_dir(self, i: int) -> Path:
+        d = self.path / f"clip_{i:03d}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def has(self, i: int, name: str) -> bool:
+        return (self.path / f"clip_{i:03d}" / name).is_file()
+
+    def save(
+        self, i: int, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None
+    ) -> None:
+        target = self.clip_dir(i) / name
+        tmp = target.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        tmp.replace(target)
+
+    def load(self, i: int, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        from safetensors import safe_open
+
+        path = self.path / f"clip_{i:03d}" / name
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            return load_file(str(path)), meta
+        except (OSError, SafetensorError) as e:
+            raise I2VEditError(f"{path} is damaged ({e}); delete it to recompute that clip.") from e
+
+
+def _cond_tensors(prefix: str, cond: SVDCond) -> dict[str, torch.Tensor]:
+    ids = torch.tensor(cond.time_ids.as_list())
+    return {f"{prefix}.clip": cond.clip_embed, f"{prefix}.latent": cond.concat_latent, f"{prefix}.ids": ids}
+
+
+def _cond_from(prefix: str, t: dict[str, torch.Tensor], kind: str = "cond") -> SVDCond:
+    ids = t[f"{prefix}.ids"].tolist()
+    return SVDCond(t[f"{prefix}.clip"], t[f"{prefix}.latent"], TimeIds(*ids), kind)
+
+
+def _noised(image: torch.Tensor, generator: torch.Generator, scale: float = 0.01) -> torch.Tensor:
+    """Pixel noise of 0.02 in SVD's [−1, 1] units (0.01 in [0, 1]) for the inversion's VAE condition."""
+    return image + scale * torch.randn(image.shape, generator=generator).to(image.device, image.dtype)
+
+
+def edit_video(
+    host: SVDHost,
+    frames: torch.Tensor,
+    fps: float,
+    edits: list[torch.Tensor],
+    settings: EditSettings = EditSettings(),
+    reuse_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> EditResult:
+    """Edit ``frames`` (N, H, W, 3) at a valid generation size with each edited first frame (1, H, W, 3)."""
+    settings = settings.validate()
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise I2VEditError(f"frames must be an IMAGE batch (N, H, W, 3), got {tuple(frames.shape)}.")
+    n, height, width, _ = frames.shape
+    C.check_size(height, width)
+    if not edits:
+        raise I2VEditError("give at least one edited first frame.")
+    for e, img in enumerate(edits):
+        if tuple(img.shape) != (1, height, width, 3):
+            raise I2VEditError(
+                f"edited frame {e} is {tuple(img.shape)}, the video is (1, {height}, {width}, 3); use edit_frames, "
+                "which resizes it, or resize it to the video's size."
+            )
+    if fps <= 0:
+        raise I2VEditError(f"frame rate must be positive, got {fps}.")
+    fingerprint = host.fingerprint()
+    ranges = C.clip_ranges(n, min(settings.chunk, n), settings.overlap) if n > 1 else [(0, 1)]
+    if ranges[0][1] - ranges[0][0] < 2:
+        raise I2VEditError("the video has a single frame; SVD needs at least 2 frames.")
+    identity = {
+        "format": FORMAT, "video": _digest(frames), "model": fingerprint, "settings": settings.identity(),
+        "frames": n, "size": [height, width],
+    }  # fmt: skip
+    reuse = ReuseFolder(reuse_dir, identity) if reuse_dir is not None else None
+    timer = _Timer(progress, len(ranges))
+    train_hw = settings.train_size or training_size(height, width)
+    if train_hw[0] * train_hw[1] > height * width:
+        train_hw = (height, width)
+    C.check_size(*train_hw)
+    denoise_ids = TimeIds(max(0.0, round(fps) - 1.0), 127.0, 0.02)
+    cache_kv = settings.mode == "cache" and settings.skip_interval
+    outputs: list[list[torch.Tensor]] = [[] for _ in edits]
+    masks: list[list[torch.Tensor]] = [[] for _ in edits]
+    prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(
+        edits
+    )  # (final last latent, last frame)
+    source_kv: SourceKV | None = None
+    train_kv: SourceKV | None = None
+    edit_kv: list[EditKV | None] = [None] * len(edits)
+    stored = 0
+    for i, (a, b) in enumerate(ranges):
+        if should_stop is not None and should_stop():
+            raise I2VEditError(
+                f"interrupted before clip {i + 1} of {len(ranges)}; finished clips are in the reuse folder."
+            )
+        src = frames[a:b]
+        perturbed, _ = timer.stage(
+            "sarp", i, sarp, src, _seed(settings.seed, i, 0), settings.sarp_noise, settings.sarp_threshold
+        )
+        g = _gen(settings.seed, i, 1)
+        inv = _load_inversion(reuse, i, fingerprint) if reuse is not None else None
+        if inv is None:
+            latents, src_cond = timer.stage(
+                "encode", i, _encode_source, host, perturbed, g, settings.inversion_fps_id
+            )
+            kv_in = source_kv if (i > 0 and settings.skip_interval) else None
+            inv = timer.stage("invert", i, invert, host, latents, src_cond, settings.steps, settings.mode,
+                              capture_kv=cache_kv and i == 0, kv_source=kv_in)  # fmt: skip
+            if reuse is not None:
+                reuse.save(i, "inversion.safetensors",
+                           {"latents": inv.latents, "sigmas": inv.sigmas, **_cond_tensors("cond", inv.cond)})  # fmt: skip
+        elif i > 0 and settings.skip_interval:
+            inv.kv_source = source_kv
+        stored += inv.stored_bytes()
+        if i == 0 and settings.skip_interval:
+            source_kv = SourceKV(host, inv)
+        lora_host = host
+        if i == 0:
+            perturbed0 = perturbed
+        if settings.lora_steps > 0:
+            weights = None
+            if reuse is not None and reuse.has(i, "lora.safetensors"):
+                weights = load_lora(reuse.clip_dir(i) / "lora.safetensors")
+            if weights is None:
+                if i > 0 and settings.skip_interval and train_kv is None:
+                    train_kv = source_kv
+                    if train_hw != (height, width):
+                        train_kv = SourceKV(
+                            host, _train_res_inversion(host, perturbed0, train_hw, settings, timer)
+                        )
+                weights = timer.stage("lora", i, _train_lora, host, perturbed, inv, train_hw, (height, width),
+                                      settings, i, train_kv if i > 0 else None, fingerprint, should_stop)  # fmt: skip
+                if reuse is not None:
+                    save_lora(reuse.clip_dir(i) / "lora.safetensors", weights)
+            lora_host = host.with_lora(weights)
+        for e in range(len(edits)):
+            name = f"edit_{e:02d}.safetensors"
+            if reuse is not None and reuse.has(i, name):
+                t, _ = reuse.load(i, name)
+                cond = _cond_from("cond", t)
+                final, decoded, mask = t["latents"], t["frames"], t["masks"]
+                clip = MatchedClip(lora_host, inv, cond, settings.match, settings.cfg, settings.mode, host,
+                                   edit_kv[e] if i > 0 and settings.skip_interval else None)  # fmt: skip
+                trajectory = t["trajectory"]
+            else:
+                cond = timer.stage("condition", i, _edit_cond, host, edits[e], prev[e], denoise_ids,
+                                   _gen(settings.seed, i, 2, e))  # fmt: skip
+                clip = MatchedClip(lora_host, inv, cond, settings.match, settings.cfg, settings.mode, host,
+                                   edit_kv[e] if i > 0 and settings.skip_interval else None)  # fmt: skip
+                result = timer.stage("denoise", i, clip.run, capture_kv=cache_kv and i == 0)
+                final, trajectory = result.latents, result.trajectory
+                mask = (
+                    result.frame_masks(height, width)
+                    if result.masks is not None
+                    else torch.zeros(b - a, height, width)
+                )
+                decoded = timer.stage(
+                    "decode", i, host.vae_decode, final / LATENT_SCALE, settings.decode_chunk
+                )
+                if reuse is not None:
+                    reuse.save(i, name, {"latents": final, "trajectory": trajectory, "frames": decoded, "masks": mask,
+                                         **_cond_tensors("cond", cond)})  # fmt: skip
+                if i == 0 and settings.skip_interval and cache_kv:
+                    edit_kv[e] = EditKV(clip, result)
+            if i == 0 and settings.skip_interval and edit_kv[e] is None:
+                from .matched import MatchedResult
+
+                edit_kv[e] = EditKV(clip, MatchedResult(final, trajectory, None))
+            if i == 0 and settings.skip_interval:
+                stored += edit_kv[e].stored_bytes() if edit_kv[e] is not None else 0
+            prev[e] = (final[-1:], decoded[-1:])
+            outputs[e].append(decoded)
+            masks[e].append(mask)
+    videos = [C.stitch_clips(parts, settings.overlap) for parts in outputs]
+    mask_videos = [C.stitch_clips(parts, settings.overlap) for parts in masks]
+    report = {
+        "frames": n, "clips": len(ranges), "clip_ranges": ranges, "edits": len(edits), "size": [height, width],
+        "train_size": list(train_hw), "seconds": timer.seconds, "calls": timer.counts, "stored_bytes": stored,
+    }  # fmt: skip
+    return EditResult(videos, mask_videos, report)
+
+
+def _encode_source(
+    host: SVDHost, perturbed: torch.Tensor, g: torch.Generator, fps_id: float
+) -> tuple[torch.Tensor, SVDCond]:
+    latents = host.vae_encode(perturbed, sample=True, generator=g).float() * LATENT_SCALE
+    first = perturbed[:1]
+    cond = SVDCond(
+        host.encode_clip(first), host.vae_encode(_noised(first, g)).float(), TimeIds(fps_id, 127.0, 0.02)
+    )
+    return latents, cond
+
+
+def _edit_cond(
+    host: SVDHost,
+    edited: torch.Tensor,
+    prev: tuple[torch.Tensor, torch.Tensor] | None,
+    ids: TimeIds,
+    g: torch.Generator,
+) -> SVDCond:
+    """Clip 0: the edited frame; later clips: the previous edited clip's last latent and decoded frame."""
+    if prev is None:
+        image, latent = edited, host.vae_encode(edited).float()
+    else:
+        image, latent = prev[1], prev[0].float() / LATENT_SCALE
+    latent = latent + 0.02 * torch.randn(latent.shape, generator=g)
+    return SVDCond(host.encode_clip(image), latent, ids)
+
+
+def _train_res_inversion(host, perturbed, hw, settings: EditSettings, timer: _Timer) -> Inversion:
+    """The first clip inverted again at training resolution, for later clips' training K/V."""
+    small = C.resize_frames(perturbed, *hw)
+    latents, cond = _encode_source(host, small, _gen(settings.seed, 0, 3), settings.inversion_fps_id)
+    return timer.stage("invert_train_res", 0, invert, host, latents, cond, settings.steps)
+
+
+def _train_lora(
+    host, perturbed, inv, train_hw, gen_hw, settings: EditSettings, i, kv, fingerprint, should_stop
+):
+    from .lora_file import LoRAWeights
+
+    if train_hw == tuple(gen_hw):
+        latents, first_raw = inv.latents[0], inv.latents[0][:1] / LATENT_SCALE
+        clip_embed = inv.cond.clip_embed
+    else:
+        small = C.resize_frames(perturbed, *train_hw)
+        latents, cond = _encode_source(host, small, _gen(settings.seed, i, 4), settings.inversion_fps_id)
+        first_raw, clip_embed = latents[:1] / LATENT_SCALE, cond.clip_embed
+    config = TrainConfig(rank=settings.lora_rank, steps=settings.lora_steps, lr=settings.lora_lr,
+                         target_set=settings.lora_target_set, seed=_seed(settings.seed, i, 5) % 2**31)  # fmt: skip
+    trainer = host.lora_trainer(settings.lora_rank, settings.lora_target_set)
+    meta = LoRAWeights({}, clip_index=i, resolution=tuple(train_hw), model_fingerprint=fingerprint)
+    with torch.inference_mode(False):
+        result = train_motion_lora(trainer, latents, first_raw, clip_embed, config, kv_source=kv, metadata=meta,
+                                   should_stop=should_stop, device=getattr(host, "device", "cpu"))  # fmt: skip
+    if result.interrupted:
+        raise I2VEditError(f"interrupted while training the LoRA of clip {i + 1}; finished clips are kept.")
+    return result.weights
+
+
+def _load_inversion(reuse: ReuseFolder, i: int, fingerprint: str) -> Inversion | None:
+    if not reuse.has(i, "inversion.safetensors"):
+        return None
+    t, _ = reuse.load(i, "inversion.safetensors")
+    return Inversion(t["latents"], t["sigmas"], _cond_from("cond", t), fingerprint)
+
+
+def edit_frames(
+    host: SVDHost,
+    frames: torch.Tensor,
+    fps: float,
+    edits: list[torch.Tensor],
+    settings: EditSettings = EditSettings(),
+    size: tuple[int, int] | None = None,
+    resize_mode: C.ResizeMode = "pad",
+    **kw: Any,
+) -> EditResult:
+    """``edit_video`` for frames of any size: resize/pad to ``size`` (default: fit within 1024) and back.
+
+    An edited frame of another size than the video is resized to it, with a logged warning.
+    """
+    _, h, w, _ = frames.shape
+    size = size or C.fit_size(h, w)
+    plan = C.make_resize_plan(h, w, *size, mode=resize_mode)
+    fitted = []
+    for e, img in enumerate(edits):
+        if img.ndim == 3:
+            img = img.unsqueeze(0)
+        if tuple(img.shape[1:3]) != (h, w):
+            log.warning("edited frame %d is %dx%d, the video %dx%d: resizing it to the video's size",
+                        e, img.shape[1], img.shape[2], h, w)  # fmt: skip
+            img = C.resize_frames(img[..., :3], h, w)
+        fitted.append(plan.apply(img[..., :3]))
+    result = edit_video(host, plan.apply(frames), fps, fitted, settings, **kw)
+    result.videos = [plan.invert(v) for v in result.videos]
+    result.masks = [plan.invert(m.unsqueeze(-1))[..., 0] for m in result.masks]
+    result.report["source_size"] = [h, w]
+    result.report["settings"] = asdict(settings)
+    return result
