@@ -90,21 +90,12 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _sharpen(host, factor: float = 3.0) -> None:
-    with torch.no_grad():
-        for pos in POSITIONS:
-            for name in (pos.diffusers_spatial, pos.diffusers_temporal):
-                for proj in ("to_q", "to_k"):
-                    host.unet.get_submodule(f"{name}.{proj}").weight.mul_(factor)
-
-
 def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps: int = 5) -> dict[str, Any]:
     """Stored bytes (ours vs the authors'), matched/plain step time and peak memory of the largest layer."""
-    from .hosts.diffusers_host import build_tiny_diffusers_host
+    from .hosts.diffusers_host import build_tiny_diffusers_host, sharpen_self_attention
 
     torch.manual_seed(0)
-    host = build_tiny_diffusers_host(seed=0)
-    _sharpen(host)
+    host = sharpen_self_attention(build_tiny_diffusers_host(seed=0))
     g = torch.Generator().manual_seed(1)
     z = torch.randn(frames, 4, *latent_hw, generator=g)
     src, edit = _cond(1, latent_hw), _cond(2, latent_hw)

@@ -238,6 +238,20 @@ def tiny_unet_config() -> dict[str, Any]:
     }
 
 
+def sharpen_self_attention(host: DiffusersSVDHost, factor: float = 3.0) -> DiffusersSVDHost:
+    """Scale the 32 self-attention layers' Q/K projections so a random-weight model's maps are peaked.
+
+    Random initialisation gives nearly uniform attention, on which matching has nothing to do; the
+    demo and benchmarks of random tiny models use this to make it work.
+    """
+    with torch.no_grad():
+        for pos in POSITIONS:
+            for name in (pos.diffusers_spatial, pos.diffusers_temporal):
+                for proj in ("to_q", "to_k"):
+                    host.unet.get_submodule(f"{name}.{proj}").weight.mul_(factor)
+    return host
+
+
 def build_tiny_diffusers_host(seed: int = 0, dtype: torch.dtype = torch.float32) -> DiffusersSVDHost:
     """A tiny random-weight SVD of the real diffusers architectures, the same for the same seed."""
     with torch.random.fork_rng(devices=[]):
