@@ -36,7 +36,7 @@ from .hosts.base import LATENT_SCALE, SVDCond, SVDHost, TimeIds
 from .inversion import Inversion, MemoryMode, check_mode, invert
 from .lora_file import load_lora, save_lora
 from .lora_train import TrainConfig, train_motion_lora, training_size
-from .matched import EditKV, MatchedClip, SourceKV
+from .matched import EditKV, MatchedClip, MatchedResult, SourceKV
 from .sarp import sarp
 
 log = logging.getLogger("i2vedit")
@@ -255,9 +255,8 @@ def edit_video(
     cache_kv = settings.mode == "cache" and settings.skip_interval
     outputs: list[list[torch.Tensor]] = [[] for _ in edits]
     masks: list[list[torch.Tensor]] = [[] for _ in edits]
-    prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(
-        edits
-    )  # (final last latent, last frame)
+    # per edit: the previous edited clip's final last-frame latent and decoded last frame
+    prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(edits)
     source_kv: SourceKV | None = None
     train_kv: SourceKV | None = None
     edit_kv: list[EditKV | None] = [None] * len(edits)
@@ -286,6 +285,8 @@ def edit_video(
         elif i > 0 and settings.skip_interval:
             inv.kv_source = source_kv
         stored += inv.stored_bytes()
+        # an inversion read back from the reuse folder holds no captures: replay them (exact, slower)
+        mode = settings.mode if inv.captures is not None else "recompute"
         if i == 0 and settings.skip_interval:
             source_kv = SourceKV(host, inv)
         lora_host = host
@@ -313,13 +314,13 @@ def edit_video(
                 t, _ = reuse.load(i, name)
                 cond = _cond_from("cond", t)
                 final, decoded, mask = t["latents"], t["frames"], t["masks"]
-                clip = MatchedClip(lora_host, inv, cond, settings.match, settings.cfg, settings.mode, host,
+                clip = MatchedClip(lora_host, inv, cond, settings.match, settings.cfg, mode, host,
                                    edit_kv[e] if i > 0 and settings.skip_interval else None)  # fmt: skip
                 trajectory = t["trajectory"]
             else:
                 cond = timer.stage("condition", i, _edit_cond, host, edits[e], prev[e], denoise_ids,
                                    _gen(settings.seed, i, 2, e))  # fmt: skip
-                clip = MatchedClip(lora_host, inv, cond, settings.match, settings.cfg, settings.mode, host,
+                clip = MatchedClip(lora_host, inv, cond, settings.match, settings.cfg, mode, host,
                                    edit_kv[e] if i > 0 and settings.skip_interval else None)  # fmt: skip
                 result = timer.stage("denoise", i, clip.run, capture_kv=cache_kv and i == 0)
                 final, trajectory = result.latents, result.trajectory
@@ -337,8 +338,6 @@ def edit_video(
                 if i == 0 and settings.skip_interval and cache_kv:
                     edit_kv[e] = EditKV(clip, result)
             if i == 0 and settings.skip_interval and edit_kv[e] is None:
-                from .matched import MatchedResult
-
                 edit_kv[e] = EditKV(clip, MatchedResult(final, trajectory, None))
             if i == 0 and settings.skip_interval:
                 stored += edit_kv[e].stored_bytes() if edit_kv[e] is not None else 0

@@ -108,3 +108,14 @@ def test_bad_inputs_are_refused_before_any_model_call(host, video):
         edit_video(host, frames[:, :60], 8.0, [edits[0][:, :60]], SETTINGS)
     with pytest.raises(I2VEditError, match="overlap"):
         edit_video(host, frames, 8.0, edits, EditSettings(chunk=4, overlap=4))
+
+
+def test_cache_mode_resumes_from_a_reuse_folder_and_equals_recompute(host, video, full_run, tmp_path):
+    frames, edits = video
+    result, reuse = full_run
+    shutil.copy(reuse / "manifest.json", tmp_path / "manifest.json")
+    shutil.copytree(reuse / "clip_000", tmp_path / "clip_000")
+    cached = EditSettings(**{**SETTINGS.__dict__, "mode": "cache"})
+    resumed = edit_video(host, frames, 8.0, edits, cached, reuse_dir=tmp_path)
+    for a, b in zip(resumed.videos, result.videos):
+        assert (a - b).abs().max() < 1e-5
