@@ -15,24 +15,10 @@ import torch
 
 from .control import PRESETS, MatchConfig
 from .errors import I2VEditError
+from .files import writable_folder
 
 DEMO_SIZE = (128, 192)
 DEMO_FRAMES = 10
-
-
-def _writable_folder(path: str | Path) -> Path:
-    """Create ``path`` if needed and prove it can be written, before any computing starts."""
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".i2vedit-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise I2VEditError(
-            f"cannot write to the output folder {p} ({e}); choose a folder you can write to."
-        ) from e
-    return p
 
 
 def _peak_rss_bytes() -> int:
@@ -103,7 +89,7 @@ def run_demo(out: str | Path, progress: bool = True) -> dict[str, Any]:
     from .pipeline import EditSettings, edit_frames
     from .video_io import write_video
 
-    out_dir = _writable_folder(out)
+    out_dir = writable_folder(out)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     host = sharpen_self_attention(build_tiny_diffusers_host(seed=0))
@@ -185,7 +171,7 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     from .pipeline import EditSettings, edit_frames
     from .video_io import read_video, write_video
 
-    out_dir = _writable_folder(args.out)
+    out_dir = writable_folder(args.out)
     if not Path(args.video).is_file():
         raise I2VEditError(f"no video at {args.video}; check the path.")
     edits = [_read_image(p) for p in args.first_frame]

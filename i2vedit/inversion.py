@@ -14,7 +14,7 @@ What it keeps depends on the memory mode:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -58,7 +58,6 @@ class Inversion:
     fingerprint: str
     captures: list[StepCapture] | None = None
     kv_source: Any = None  # KVSource of the first clip, or None
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -158,7 +157,6 @@ def invert(
         fingerprint,
         captures if mode == "cache" else None,
         kv_source,
-        {"mode": mode, "capture_kv": capture_kv},
     )
 
 

@@ -21,16 +21,16 @@ from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import edm
 from .control import CONTROLLER_KEY, AttentionController
 from .errors import I2VEditError, LoRAError
+from .files import save_safetensors_atomic
 from .hosts.base import SVDCond, TimeIds
 from .lora_file import LoRAPair, LoRAWeights, load_lora, save_lora
 from .lora_targets import check_target_set
 
-PHASE_TRAIN = "train"
 TRAIN_TIME_IDS = TimeIds(6.0, 127.0, 0.02)
 
 
@@ -208,18 +208,15 @@ def save_checkpoint(
 ) -> Path:
     """The LoRA (a loadable file) and, beside it, the AdamW state needed to resume exactly."""
     weights = replace(meta, modules=trainer.export())
-    names = [n for n, _ in trainer.named_trainable()]
     state: dict[str, torch.Tensor] = {}
-    for name, (_, p) in zip(names, trainer.named_trainable()):
+    for name, p in trainer.named_trainable():
         s = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in s:
                 state[f"{name}.{key}"] = s[key].detach().to("cpu", torch.float32).contiguous()
         if "step" in s:
             state[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1).cpu()
-    tmp = _optim_path(path).with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"steps": str(meta.steps)})
-    tmp.replace(_optim_path(path))
+    save_safetensors_atomic(_optim_path(path), state, {"steps": str(meta.steps)})
     return save_lora(path, weights)
 
 

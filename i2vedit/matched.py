@@ -15,8 +15,7 @@ matched denoising. Both are exact, whether cached or recomputed by replaying the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -40,9 +39,8 @@ from .inversion import (
     source_capture,
     step_options,
 )
-from .samplers import PHASE_DENOISE, PHASE_INVERT
+from .samplers import PHASE_DENOISE, PHASE_INVERT, PHASE_TRAIN
 
-PHASE_TRAIN = "train"
 DEFAULT_MATCH = MatchConfig()
 
 
@@ -109,7 +107,6 @@ class MatchedResult:
     trajectory: torch.Tensor  # (steps + 1, frames, 4, h, w): the latent each step evaluated, then the result
     masks: torch.Tensor | None  # (frames, h, w) mean blend weight M: 1 = treated as edited
     kv_captures: list[StepCapture] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
     def frame_masks(self, height: int, width: int) -> torch.Tensor:
         """The difference masks at frame size, (frames, height, width) in [0, 1], like a ComfyUI MASK."""
@@ -249,7 +246,6 @@ class MatchedClip:
             torch.stack(trajectory),
             masks.mean() if masks is not None else None,
             kv_caps if keep_kv else None,
-            {"mode": self.mode},
         )
 
 

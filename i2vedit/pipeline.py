@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import clips as C
 from .control import MatchConfig
 from .errors import I2VEditError
+from .files import save_safetensors_atomic, writable_folder
 from .hosts.base import LATENT_SCALE, SVDCond, SVDHost, TimeIds
 from .inversion import Inversion, MemoryMode, check_mode, invert
 from .lora_file import load_lora, save_lora
@@ -140,17 +141,8 @@ class ReuseFolder:
     """A folder holding per-clip inversions, LoRAs and edits of one video and model, with a manifest."""
 
     def __init__(self, path: str | Path, identity: dict[str, Any]) -> None:
-        self.path = Path(path)
+        self.path = writable_folder(path, "reuse folder")
         self.identity = identity
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise I2VEditError(
-                f"cannot write the reuse folder {self.path} ({e}); choose a writable folder."
-            ) from e
         manifest = self.path / MANIFEST
         if manifest.exists():
             try:
@@ -179,10 +171,7 @@ class ReuseFolder:
     def save(
         self, i: int, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None
     ) -> None:
-        target = self.clip_dir(i) / name
-        tmp = target.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(target)
+        save_safetensors_atomic(self.clip_dir(i) / name, tensors, meta)
 
     def load(self, i: int, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         from safetensors import safe_open

@@ -20,6 +20,7 @@ from .errors import I2VEditError
 
 PHASE_INVERT = "invert"
 PHASE_DENOISE = "denoise"
+PHASE_TRAIN = "train"  # LoRA training steps, which read skip-interval K/V by σ
 
 STEP_KEY = "i2v_step"
 PHASE_KEY = "i2v_phase"

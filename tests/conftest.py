@@ -48,22 +48,22 @@ def tiny_diffusers_host():
 
 
 def sharpen_self_attention(host, factor: float = 3.0):
-    """Scale the 32 self-attention layers' query/key projections so random-weight maps are peaked.
+    """Peaked attention for random-weight tests (architecture.md, "Testing"), on either host.
 
-    With default random initialisation every attention map is nearly uniform and matching would
-    barely change anything; tests of it then prove little (architecture.md, "Testing").
+    The diffusers host has its own (``hosts.diffusers_host.sharpen_self_attention``); the same
+    scaling is applied to the ComfyUI host's modules by their names.
     """
     import torch
 
     from i2vedit.layers import POSITIONS
 
     if hasattr(host, "unet"):
-        root, names = host.unet, [n for p in POSITIONS for n in (p.diffusers_spatial, p.diffusers_temporal)]
-    else:
-        root = host.patcher.model.diffusion_model
-        names = [n for p in POSITIONS for n in (p.comfy_spatial, p.comfy_temporal)]
+        from i2vedit.hosts.diffusers_host import sharpen_self_attention as sharpen_diffusers
+
+        return sharpen_diffusers(host, factor)
+    root = host.patcher.model.diffusion_model
     with torch.no_grad():
-        for name in names:
+        for name in (n for p in POSITIONS for n in (p.comfy_spatial, p.comfy_temporal)):
             for proj in ("to_q", "to_k"):
                 root.get_submodule(f"{name}.{proj}").weight.mul_(factor)
     return host

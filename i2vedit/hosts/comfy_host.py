@@ -217,7 +217,7 @@ class ComfySVDHost:
         s = sigma_scalar(sigma)
         order = sorted(range(len(conds)), key=lambda i: conds[i].kind != COND)  # ComfyUI's chunk 0 is cond
         keys = [f"c{i}" for i in order]
-        controlled = bool(transformer_options) and CONTROLLER_KEY in transformer_options
+        controlled = CONTROLLER_KEY in (transformer_options or {})
         guider = self._guider({f"c{i}": conds[i] for i in order}, controlled=controlled)
         results: list[torch.Tensor] = []
 
@@ -247,7 +247,7 @@ class ComfySVDHost:
         transformer_options: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         cond.check(x)
-        controlled = bool(transformer_options) and CONTROLLER_KEY in transformer_options
+        controlled = CONTROLLER_KEY in (transformer_options or {})
         if uncond is None or cfg is None:
             guider = self._guider({"positive": cond}, controlled=controlled)
             guider.set_cfg(1.0)
