@@ -132,24 +132,37 @@ def check_model_path(model: str | Path) -> Path:
     """Refuse, before any work, a model path the command line cannot load."""
     p = Path(model)
     if p.is_file():
-        raise I2VEditError(
-            f"{p} is a single file. The command line reads a diffusers SVD folder (unet/, vae/, image_encoder/); "
-            "single-file svd.safetensors works in ComfyUI (Image Only Checkpoint Loader) and will come here next."
-        )
+        if p.suffix.lower() != ".safetensors":
+            raise I2VEditError(
+                f"{p} is a single file but not .safetensors; the command line reads an SGM single-file SVD "
+                "checkpoint (svd.safetensors / svd_xt.safetensors) or a diffusers SVD folder (unet/, vae/, "
+                "image_encoder/). Pickle checkpoints (.ckpt, .pt) are not loaded, because unpickling can run code."
+            )
+        from .hosts.single_file import check_single_file
+
+        return check_single_file(p)
     missing = [s for s in ("unet", "vae", "image_encoder") if not (p / s).is_dir()]
     if missing:
-        raise I2VEditError(f"{p} is not a diffusers SVD folder: it lacks {', '.join(missing)}/.")
+        raise I2VEditError(
+            f"{p} is not a diffusers SVD folder: it lacks {', '.join(missing)}/. Give such a folder or a "
+            "single-file svd.safetensors / svd_xt.safetensors."
+        )
     return p
 
 
 def load_diffusers_host(model: str | Path, dtype: torch.dtype = torch.float32):
-    """A diffusers SVD folder (unet/, vae/, image_encoder/ as on the Hub), loaded from disk only."""
+    """SVD from a diffusers folder (unet/, vae/, image_encoder/ as on the Hub) or an SGM single file
+    (``svd.safetensors`` / ``svd_xt.safetensors``), loaded from disk only."""
+    p = check_model_path(model)
+    if p.is_file():
+        from .hosts.single_file import load_single_file
+
+        return load_single_file(p, dtype=dtype)
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionModelWithProjection
 
     from .hosts.diffusers_host import DiffusersSVDHost
 
-    p = check_model_path(model)
     kw = {"local_files_only": True, "use_safetensors": True}
     unet = UNetSpatioTemporalConditionModel.from_pretrained(p, subfolder="unet", **kw)
     vae = AutoencoderKLTemporalDecoder.from_pretrained(p, subfolder="vae", **kw)
@@ -202,13 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    edit = sub.add_parser("edit", help="edit a video from one or more edited first frames (diffusers SVD folder)",
+    edit = sub.add_parser("edit", help="edit a video from one or more edited first frames (SVD single file or diffusers folder)",
                           description="Propagate edited first frames through a video: clips, inversion, motion "
                           "LoRAs, attention matching. Writes one mp4 per edited frame and report.json.")  # fmt: skip
     edit.add_argument("--video", required=True, help="source video file (mp4, mov, ...)")
     edit.add_argument("--first-frame", required=True, nargs="+", help="edited first frame(s), PNG or JPEG")
     edit.add_argument(
-        "--model", required=True, help="diffusers SVD folder with unet/, vae/ and image_encoder/"
+        "--model",
+        required=True,
+        help="SVD single file (svd.safetensors / svd_xt.safetensors, as ComfyUI uses) "
+        "or a diffusers SVD folder with unet/, vae/ and image_encoder/",
     )
     edit.add_argument("--out", required=True, help="output folder (created; must be writable)")
     edit.add_argument("--preset", choices=sorted(PRESETS), default="local",

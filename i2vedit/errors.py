@@ -23,3 +23,7 @@ class LoRAError(I2VEditError):
 
 class LoRAFileError(LoRAError):
     """A motion LoRA file that cannot be read or written, or is not a motion LoRA of this pack's kind."""
+
+
+class ModelFileError(I2VEditError):
+    """A model checkpoint file that cannot be read, is incomplete, or does not match the model it describes."""

@@ -189,28 +189,26 @@ def _listed(items: Iterable[str]) -> str:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def check_lora_name(name: str) -> str:
+def check_lora_name(name: str, what: str = "LoRA name") -> str:
     """Check a bare LoRA file name (no folder) and return it ending in ``.safetensors``.
 
     Refuses empty names, path separators, ``.``/``..``, control characters and characters or names
     that Windows cannot store, so a name typed into a node cannot point outside the LoRA folder.
     """
     if not isinstance(name, str) or not name.strip():
-        raise LoRAFileError("the LoRA name is empty; give a file name such as 'clip0_motion'.")
+        raise LoRAFileError(f"the {what} is empty; give a file name such as 'clip0_motion'.")
     bad = sorted({c for c in name if c in '/\\<>:"|?*' or ord(c) < 32})
     if bad or name.strip() in (".", ".."):
         raise LoRAFileError(
-            f"LoRA name {name!r} is not a bare file name"
+            f"{what} {name!r} is not a bare file name"
             + (f" (it contains {' '.join(map(repr, bad))})" if bad else "")
             + "; give a name without folders or the characters / \\ < > : \" | ? *, e.g. 'clip0_motion'."
         )
     if name != name.strip() or name.endswith("."):
-        raise LoRAFileError(
-            f"LoRA name {name!r} starts or ends with a space or ends with a dot; remove them."
-        )
+        raise LoRAFileError(f"{what} {name!r} starts or ends with a space or ends with a dot; remove them.")
     stem = name.split(".")[0].upper()
     if stem in {"CON", "PRN", "AUX", "NUL"} or re.fullmatch(r"(COM|LPT)[1-9]", stem):
-        raise LoRAFileError(f"LoRA name {name!r} is reserved on Windows; choose another name.")
+        raise LoRAFileError(f"{what} {name!r} is reserved on Windows; choose another name.")
     return name if name.lower().endswith(SUFFIX) else name + SUFFIX
 
 

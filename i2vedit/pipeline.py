@@ -33,18 +33,36 @@ from . import clips as C
 from .control import MatchConfig
 from .errors import I2VEditError
 from .files import save_safetensors_atomic, writable_folder
-from .hosts.base import LATENT_SCALE, SVDCond, SVDHost, TimeIds
+from .hosts.base import LATENT_SCALE, SVDHost
 from .inversion import Inversion, MemoryMode, check_mode, invert
 from .lora_file import load_lora, save_lora
-from .lora_train import TrainConfig, train_motion_lora, training_size
+from .lora_train import TrainConfig, training_size
 from .matched import EditKV, MatchedClip, MatchedResult, SourceKV
 from .sarp import sarp
+from .stages import (
+    SEED_CONDITION,
+    SEED_ENCODE,
+    SEED_SARP,
+    SEED_TRAIN,
+    SEED_TRAIN_ENCODE,
+    SEED_TRAIN_RES,
+    cond_from,
+    cond_tensors,
+    denoise_time_ids,
+    derived_seed,
+    edit_conditioning,
+    encode_source,
+    generator,
+    load_inversion,
+    save_inversion,
+    train_clip_lora,
+)
 
 log = logging.getLogger("i2vedit")
 
 Progress = Callable[[dict[str, Any]], None]
 MANIFEST = "manifest.json"
-FORMAT = "i2vedit.pipeline/1"
+FORMAT = "i2vedit.pipeline/2"
 
 
 @dataclass(frozen=True)
@@ -102,15 +120,6 @@ class EditResult:
     videos: list[torch.Tensor]  # one (frames, H, W, 3) IMAGE per edited first frame
     masks: list[torch.Tensor]  # one (frames, H, W) difference mask per edit (zeros without matching)
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def _seed(seed: int, *parts: int) -> int:
-    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2**63 - 1)
-
-
-def _gen(seed: int, *parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(seed, *parts))
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -185,21 +194,6 @@ class ReuseFolder:
             raise I2VEditError(f"{path} is damaged ({e}); delete it to recompute that clip.") from e
 
 
-def _cond_tensors(prefix: str, cond: SVDCond) -> dict[str, torch.Tensor]:
-    ids = torch.tensor(cond.time_ids.as_list())
-    return {f"{prefix}.clip": cond.clip_embed, f"{prefix}.latent": cond.concat_latent, f"{prefix}.ids": ids}
-
-
-def _cond_from(prefix: str, t: dict[str, torch.Tensor], kind: str = "cond") -> SVDCond:
-    ids = t[f"{prefix}.ids"].tolist()
-    return SVDCond(t[f"{prefix}.clip"], t[f"{prefix}.latent"], TimeIds(*ids), kind)
-
-
-def _noised(image: torch.Tensor, generator: torch.Generator, scale: float = 0.01) -> torch.Tensor:
-    """Pixel noise of 0.02 in SVD's [−1, 1] units (0.01 in [0, 1]) for the inversion's VAE condition."""
-    return image + scale * torch.randn(image.shape, generator=generator).to(image.device, image.dtype)
-
-
 def edit_video(
     host: SVDHost,
     frames: torch.Tensor,
@@ -209,8 +203,14 @@ def edit_video(
     reuse_dir: str | Path | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    step_callback: Progress | None = None,
 ) -> EditResult:
-    """Edit ``frames`` (N, H, W, 3) at a valid generation size with each edited first frame (1, H, W, 3)."""
+    """Edit ``frames`` (N, H, W, 3) at a valid generation size with each edited first frame (1, H, W, 3).
+
+    ``progress`` hears of each stage of each clip; ``step_callback`` of each model step (inversion,
+    training, denoising; it may raise to interrupt, finished clips stay in the reuse folder);
+    ``should_stop`` is polled between clips and training steps.
+    """
     settings = settings.validate()
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise I2VEditError(f"frames must be an IMAGE batch (N, H, W, 3), got {tuple(frames.shape)}.")
@@ -240,7 +240,7 @@ def edit_video(
     if train_hw[0] * train_hw[1] > height * width:
         train_hw = (height, width)
     C.check_size(*train_hw)
-    denoise_ids = TimeIds(max(0.0, round(fps) - 1.0), 127.0, 0.02)
+    denoise_ids = denoise_time_ids(fps)
     cache_kv = settings.mode == "cache" and settings.skip_interval
     outputs: list[list[torch.Tensor]] = [[] for _ in edits]
     masks: list[list[torch.Tensor]] = [[] for _ in edits]
@@ -257,20 +257,26 @@ def edit_video(
             )
         src = frames[a:b]
         perturbed, _ = timer.stage(
-            "sarp", i, sarp, src, _seed(settings.seed, i, 0), settings.sarp_noise, settings.sarp_threshold
+            "sarp",
+            i,
+            sarp,
+            src,
+            derived_seed(settings.seed, i, SEED_SARP),
+            settings.sarp_noise,
+            settings.sarp_threshold,
         )
-        g = _gen(settings.seed, i, 1)
+        g = generator(settings.seed, i, SEED_ENCODE)
         inv = _load_inversion(reuse, i, fingerprint) if reuse is not None else None
         if inv is None:
             latents, src_cond = timer.stage(
-                "encode", i, _encode_source, host, perturbed, g, settings.inversion_fps_id
+                "encode", i, encode_source, host, perturbed, g, settings.inversion_fps_id
             )
             kv_in = source_kv if (i > 0 and settings.skip_interval) else None
             inv = timer.stage("invert", i, invert, host, latents, src_cond, settings.steps, settings.mode,
-                              capture_kv=cache_kv and i == 0, kv_source=kv_in)  # fmt: skip
+                              capture_kv=cache_kv and i == 0, kv_source=kv_in,
+                              callback=_tagged(step_callback, i, "invert"))  # fmt: skip
             if reuse is not None:
-                reuse.save(i, "inversion.safetensors",
-                           {"latents": inv.latents, "sigmas": inv.sigmas, **_cond_tensors("cond", inv.cond)})  # fmt: skip
+                save_inversion(reuse.clip_dir(i) / "inversion.safetensors", inv)
         elif i > 0 and settings.skip_interval:
             inv.kv_source = source_kv
         stored += inv.stored_bytes()
@@ -290,10 +296,11 @@ def edit_video(
                     train_kv = source_kv
                     if train_hw != (height, width):
                         train_kv = SourceKV(
-                            host, _train_res_inversion(host, perturbed0, train_hw, settings, timer)
+                            host,
+                            _train_res_inversion(host, perturbed0, train_hw, settings, timer, step_callback),
                         )
                 weights = timer.stage("lora", i, _train_lora, host, perturbed, inv, train_hw, (height, width),
-                                      settings, i, train_kv if i > 0 else None, fingerprint, should_stop)  # fmt: skip
+                                      settings, i, train_kv if i > 0 else None, should_stop, step_callback)  # fmt: skip
                 if reuse is not None:
                     save_lora(reuse.clip_dir(i) / "lora.safetensors", weights)
             lora_host = host.with_lora(weights)
@@ -301,17 +308,18 @@ def edit_video(
             name = f"edit_{e:02d}.safetensors"
             if reuse is not None and reuse.has(i, name):
                 t, _ = reuse.load(i, name)
-                cond = _cond_from("cond", t)
+                cond = cond_from("cond", t)
                 final, decoded, mask = t["latents"], t["frames"], t["masks"]
                 clip = MatchedClip(lora_host, inv, cond, settings.match, settings.cfg, mode, host,
                                    edit_kv[e] if i > 0 and settings.skip_interval else None)  # fmt: skip
                 trajectory = t["trajectory"]
             else:
-                cond = timer.stage("condition", i, _edit_cond, host, edits[e], prev[e], denoise_ids,
-                                   _gen(settings.seed, i, 2, e))  # fmt: skip
+                cond = timer.stage("condition", i, edit_conditioning, host, edits[e], denoise_ids,
+                                   generator(settings.seed, i, SEED_CONDITION, e), prev[e])  # fmt: skip
                 clip = MatchedClip(lora_host, inv, cond, settings.match, settings.cfg, mode, host,
                                    edit_kv[e] if i > 0 and settings.skip_interval else None)  # fmt: skip
-                result = timer.stage("denoise", i, clip.run, capture_kv=cache_kv and i == 0)
+                result = timer.stage("denoise", i, clip.run, capture_kv=cache_kv and i == 0,
+                                     callback=_tagged(step_callback, i, "denoise"))  # fmt: skip
                 final, trajectory = result.latents, result.trajectory
                 mask = (
                     result.frame_masks(height, width)
@@ -323,7 +331,7 @@ def edit_video(
                 )
                 if reuse is not None:
                     reuse.save(i, name, {"latents": final, "trajectory": trajectory, "frames": decoded, "masks": mask,
-                                         **_cond_tensors("cond", cond)})  # fmt: skip
+                                         **cond_tensors("cond", cond)})  # fmt: skip
                 if i == 0 and settings.skip_interval and cache_kv:
                     edit_kv[e] = EditKV(clip, result)
             if i == 0 and settings.skip_interval and edit_kv[e] is None:
@@ -342,69 +350,50 @@ def edit_video(
     return EditResult(videos, mask_videos, report)
 
 
-def _encode_source(
-    host: SVDHost, perturbed: torch.Tensor, g: torch.Generator, fps_id: float
-) -> tuple[torch.Tensor, SVDCond]:
-    latents = host.vae_encode(perturbed, sample=True, generator=g).float() * LATENT_SCALE
-    first = perturbed[:1]
-    cond = SVDCond(
-        host.encode_clip(first), host.vae_encode(_noised(first, g)).float(), TimeIds(fps_id, 127.0, 0.02)
-    )
-    return latents, cond
-
-
-def _edit_cond(
-    host: SVDHost,
-    edited: torch.Tensor,
-    prev: tuple[torch.Tensor, torch.Tensor] | None,
-    ids: TimeIds,
-    g: torch.Generator,
-) -> SVDCond:
-    """Clip 0: the edited frame; later clips: the previous edited clip's last latent and decoded frame."""
-    if prev is None:
-        image, latent = edited, host.vae_encode(edited).float()
-    else:
-        image, latent = prev[1], prev[0].float() / LATENT_SCALE
-    latent = latent + 0.02 * torch.randn(latent.shape, generator=g)
-    return SVDCond(host.encode_clip(image), latent, ids)
-
-
-def _train_res_inversion(host, perturbed, hw, settings: EditSettings, timer: _Timer) -> Inversion:
+def _train_res_inversion(
+    host, perturbed, hw, settings: EditSettings, timer: _Timer, step_callback
+) -> Inversion:
     """The first clip inverted again at training resolution, for later clips' training K/V."""
     small = C.resize_frames(perturbed, *hw)
-    latents, cond = _encode_source(host, small, _gen(settings.seed, 0, 3), settings.inversion_fps_id)
-    return timer.stage("invert_train_res", 0, invert, host, latents, cond, settings.steps)
+    g = generator(settings.seed, 0, SEED_TRAIN_RES)
+    latents, cond = encode_source(host, small, g, settings.inversion_fps_id)
+    return timer.stage("invert_train_res", 0, invert, host, latents, cond, settings.steps,
+                       callback=_tagged(step_callback, 0, "invert_train_res"))  # fmt: skip
 
 
 def _train_lora(
-    host, perturbed, inv, train_hw, gen_hw, settings: EditSettings, i, kv, fingerprint, should_stop
+    host, perturbed, inv, train_hw, gen_hw, settings: EditSettings, i, kv, should_stop, step_callback
 ):
-    from .lora_file import LoRAWeights
-
     if train_hw == tuple(gen_hw):
         latents, first_raw = inv.latents[0], inv.latents[0][:1] / LATENT_SCALE
         clip_embed = inv.cond.clip_embed
     else:
         small = C.resize_frames(perturbed, *train_hw)
-        latents, cond = _encode_source(host, small, _gen(settings.seed, i, 4), settings.inversion_fps_id)
+        g = generator(settings.seed, i, SEED_TRAIN_ENCODE)
+        latents, cond = encode_source(host, small, g, settings.inversion_fps_id)
         first_raw, clip_embed = latents[:1] / LATENT_SCALE, cond.clip_embed
     config = TrainConfig(rank=settings.lora_rank, steps=settings.lora_steps, lr=settings.lora_lr,
-                         target_set=settings.lora_target_set, seed=_seed(settings.seed, i, 5) % 2**31)  # fmt: skip
-    trainer = host.lora_trainer(settings.lora_rank, settings.lora_target_set)
-    meta = LoRAWeights({}, clip_index=i, resolution=tuple(train_hw), model_fingerprint=fingerprint)
-    with torch.inference_mode(False):
-        result = train_motion_lora(trainer, latents, first_raw, clip_embed, config, kv_source=kv, metadata=meta,
-                                   should_stop=should_stop, device=getattr(host, "device", "cpu"))  # fmt: skip
+                         target_set=settings.lora_target_set, seed=derived_seed(settings.seed, i, SEED_TRAIN) % 2**31)  # fmt: skip
+    result = train_clip_lora(host, latents, first_raw, clip_embed, config, i, kv, should_stop=should_stop,
+                             callback=_tagged(step_callback, i, "lora"))  # fmt: skip
     if result.interrupted:
         raise I2VEditError(f"interrupted while training the LoRA of clip {i + 1}; finished clips are kept.")
     return result.weights
 
 
+def _tagged(callback: Progress | None, clip: int, stage: str) -> Progress | None:
+    """A step callback that also says which clip and stage the step belongs to."""
+    if callback is None:
+        return None
+    return lambda info: callback({**info, "clip": clip, "stage": stage})
+
+
 def _load_inversion(reuse: ReuseFolder, i: int, fingerprint: str) -> Inversion | None:
     if not reuse.has(i, "inversion.safetensors"):
         return None
-    t, _ = reuse.load(i, "inversion.safetensors")
-    return Inversion(t["latents"], t["sigmas"], _cond_from("cond", t), fingerprint)
+    inv, _ = load_inversion(reuse.clip_dir(i) / "inversion.safetensors")
+    inv.fingerprint = fingerprint  # the manifest already proved the model
+    return inv
 
 
 def edit_frames(

@@ -4,9 +4,35 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .sarp_node import SARPPerturb
+from .common import register_folders
 
-NODES: list[type[io.ComfyNode]] = [SARPPerturb]
+register_folders()  # before any schema lists the LoRA and inversion folders
+
+from .edit_nodes import AttentionMatchSampler, EditVideo, SkipIntervalKVCache  # noqa: E402
+from .inversion_nodes import EDMInvertSVD, InversionCheck, LoadInversion, SaveInversion  # noqa: E402
+from .lora_nodes import LoadMotionLoRA, SaveMotionLoRA, TrainMotionLoRA  # noqa: E402
+from .sarp_node import SARPPerturb  # noqa: E402
+from .video_nodes import FitFrames, MaskPreview, RestoreFrames, SampleFrames, SelectClip, StitchClips  # noqa: E402
+
+NODES: list[type[io.ComfyNode]] = [
+    EditVideo,
+    SampleFrames,
+    FitFrames,
+    SelectClip,
+    SARPPerturb,
+    EDMInvertSVD,
+    InversionCheck,
+    SaveInversion,
+    LoadInversion,
+    TrainMotionLoRA,
+    SaveMotionLoRA,
+    LoadMotionLoRA,
+    SkipIntervalKVCache,
+    AttentionMatchSampler,
+    StitchClips,
+    RestoreFrames,
+    MaskPreview,
+]
 
 
 class I2VEditExtension(ComfyExtension):

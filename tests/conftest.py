@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from comfy_server import comfy_server  # noqa: E402, F401  (session fixture: a headless ComfyUI server)
+
 COMFY_SKIP = (
     "needs a real ComfyUI: set COMFYUI_PATH to a ComfyUI checkout whose requirements are installed "
     "in this Python (see README, 'Testing against ComfyUI')"
@@ -83,3 +85,32 @@ def align_groupnorm_eps(diffusers_host):
             mod.eps, changed = 1e-5, changed + 1
     assert changed == 72
     return aligned
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The node pack imported in this process as ComfyUI would, under its own package name.
+
+    ComfyUI's loader imports the pack's folder as a package; doing the same here (name
+    ``i2vedit_pack``) gives the real node classes, with ``folder_paths`` pointing at a temporary
+    base directory so nothing is written into the ComfyUI checkout.
+    """
+    import importlib.util
+    import tempfile
+
+    import folder_paths
+
+    base = tempfile.mkdtemp(prefix="i2vedit-comfy-base-")
+    folder_paths.set_output_directory(os.path.join(base, "output"))
+    folder_paths.set_temp_directory(os.path.join(base, "temp"))
+    folder_paths.folder_names_and_paths["loras"] = ([os.path.join(base, "models", "loras")], {".safetensors"})
+    folder_paths.models_dir = os.path.join(base, "models")
+    spec = importlib.util.spec_from_file_location(
+        "i2vedit_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["i2vedit_pack"] = module
+    spec.loader.exec_module(module)
+    import importlib
+
+    return importlib.import_module("i2vedit_pack.nodes")

@@ -1,0 +1,172 @@
+"""What the nodes share: the category, socket types, the objects they carry, folders, progress.
+
+Nodes stay thin: they validate what ComfyUI hands them, call ``i2vedit`` and wrap the result.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..i2vedit.clips import ResizePlan
+from ..i2vedit.errors import I2VEditError
+from ..i2vedit.hosts.comfy_host import ComfySVDHost
+from ..i2vedit.inversion import Inversion
+from ..i2vedit.lora_file import check_lora_name
+from ..i2vedit.matched import EditKV, MatchedClip, MatchedResult, SourceKV
+
+CATEGORY = "I2VEdit"
+
+Inversions = io.Custom("I2V_INVERSION")
+MotionLoRA = io.Custom("I2V_LORA")
+KVCache = io.Custom("I2V_KV")
+EditedClip = io.Custom("I2V_EDIT")
+ResizeInfo = io.Custom("I2V_RESIZE")
+
+LORA_FOLDER = "i2vedit_motion_loras"
+INVERSION_FOLDER = "i2vedit_inversions"
+MEMORY_MODES = ["recompute", "cache"]
+MEMORY_TOOLTIP = (
+    "recompute (default): keep only latent trajectories (a few MB per clip) and re-run the source's "
+    "model call when its attention is needed, about 1.8× the time of a plain step. cache: keep every "
+    "step's attention in RAM (tens of GB at 576×1024), about 1.3× a plain step. Same result either way."
+)
+SEED_TOOLTIP = "Seed of every random draw of this stage: the same inputs and seed give the same video."
+CLIP_INDEX_TOOLTIP = (
+    "Which clip of the video this is (0 = the first). Only used to derive this stage's seeds, so a graph "
+    "of single-stage nodes reproduces the all-in-one node clip by clip."
+)
+
+
+def register_folders() -> None:
+    """Motion LoRAs live in ``models/loras/i2vedit`` (so stock LoRA loaders list them too)."""
+    loras = folder_paths.get_folder_paths("loras")
+    base = loras[0] if loras else os.path.join(folder_paths.models_dir, "loras")
+    folder_paths.add_model_folder_path(LORA_FOLDER, os.path.join(base, "i2vedit"))
+    folder_paths.add_model_folder_path(
+        INVERSION_FOLDER, os.path.join(folder_paths.models_dir, "i2vedit_inversions")
+    )
+    for name in (LORA_FOLDER, INVERSION_FOLDER):
+        folder_paths.folder_names_and_paths[name][1].add(".safetensors")
+
+
+def folder(name: str) -> str:
+    """The first (writable) path of a registered folder, created if missing."""
+    path = folder_paths.get_folder_paths(name)[0]
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def target_path(folder_name: str, name: str, overwrite: bool) -> str:
+    """A file path in a registered folder for a user-given name, refusing separators and clobbering."""
+    path = os.path.join(folder(folder_name), check_lora_name(name, "file name"))
+    if os.path.exists(path) and not overwrite:
+        raise I2VEditError(f"{path} exists; choose another name or switch on overwrite.")
+    return path
+
+
+@dataclass
+class InversionState:
+    """An ``I2V_INVERSION``: one clip's inversion and the base model (with CLIP vision and VAE) it ran on."""
+
+    inversion: Inversion
+    host: ComfySVDHost
+    mode: str
+    clip_index: int = 0
+
+
+@dataclass
+class KVState:
+    """An ``I2V_KV``: the first clip's skip-interval K/V for later clips.
+
+    ``source`` serves inversion and LoRA training, ``edit`` (once the first clip is edited) denoising.
+    """
+
+    source: SourceKV
+    edit: EditKV | None = None
+
+
+@dataclass
+class EditState:
+    """An ``I2V_EDIT``: one edited clip, for chaining the next clip and for skip-interval K/V."""
+
+    clip: MatchedClip
+    result: MatchedResult
+    last_frame: torch.Tensor  # (1, H, W, 3), the decoded last frame
+    clip_index: int = 0
+
+
+def host_of(model: Any, clip_vision: Any = None, vae: Any = None) -> ComfySVDHost:
+    """The user's SVD as a host (a clear error for a MODEL that is not SVD img2vid)."""
+    return ComfySVDHost(model, clip_vision, vae)
+
+
+def check_frames(frames: torch.Tensor, what: str = "frames") -> torch.Tensor:
+    if frames.ndim != 4 or frames.shape[-1] < 3:
+        raise I2VEditError(
+            f"{what} must be an IMAGE batch (frames, height, width, 3), got {tuple(frames.shape)}."
+        )
+    return frames[..., :3]
+
+
+def check_resize(plan: Any) -> ResizePlan:
+    if not isinstance(plan, ResizePlan):
+        raise I2VEditError("connect the resize output of 'Fit Frames (I2VEdit)'.")
+    return plan
+
+
+def interrupted() -> bool:
+    return comfy.model_management.processing_interrupted()
+
+
+def throw_if_interrupted() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def stop_run() -> None:
+    """End the run the way a user's interrupt does."""
+    raise comfy.model_management.InterruptProcessingException()
+
+
+class StepProgress:
+    """A ProgressBar over model steps that stops the run cleanly when the user interrupts.
+
+    ``preview_model`` (a MODEL) adds latent previews of each step's prediction where ComfyUI offers them.
+    """
+
+    def __init__(self, total: int, preview_model: Any = None) -> None:
+        self.total, self.done, self.stop_requested = max(total, 1), 0, False
+        self.bar = comfy.utils.ProgressBar(self.total)
+        self.previewer = None
+        if preview_model is not None:
+            import latent_preview
+
+            self.previewer = latent_preview.get_previewer(
+                preview_model.load_device, preview_model.model.latent_format
+            )
+
+    def step(self, info: dict[str, Any] | None = None) -> None:
+        throw_if_interrupted()
+        self.done += 1
+        preview = None
+        if self.previewer is not None and info is not None and "denoised" in info:
+            preview = self.previewer.decode_latent_to_preview_image("JPEG", info["denoised"][:1])
+        self.bar.update_absolute(min(self.done, self.total), self.total, preview)
+
+    def soft_step(self, info: dict[str, Any] | None = None) -> None:
+        """A step that never raises: training polls ``should_stop`` and keeps the LoRA so far."""
+        self.done += 1
+        try:
+            self.bar.update_absolute(min(self.done, self.total), self.total)
+        except comfy.model_management.InterruptProcessingException:
+            self.stop_requested = True  # the server's progress hook raised (and cleared the flag)
+
+    def should_stop(self) -> bool:
+        return self.stop_requested or interrupted()

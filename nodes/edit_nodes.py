@@ -1,0 +1,336 @@
+"""Skip-interval K/V, the attention-matched sampler, and the all-in-one long-video node."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..i2vedit import clips as C
+from ..i2vedit.control import PRESETS, MatchConfig
+from ..i2vedit.errors import I2VEditError
+from ..i2vedit.hosts.base import LATENT_SCALE
+from ..i2vedit.lora_file import check_lora_name
+from ..i2vedit.matched import EditKV, MatchedClip, SourceKV
+from ..i2vedit.pipeline import EditSettings, edit_frames
+from ..i2vedit.stages import SEED_CONDITION, denoise_time_ids, edit_conditioning, generator
+from .common import (
+    CATEGORY,
+    MEMORY_MODES,
+    MEMORY_TOOLTIP,
+    SEED_TOOLTIP,
+    EditedClip,
+    EditState,
+    Inversions,
+    InversionState,
+    KVCache,
+    KVState,
+    MotionLoRA,
+    StepProgress,
+    check_frames,
+    host_of,
+)
+from .lora_nodes import check_lora
+
+PRESET_NAMES = [*PRESETS, "off"]
+PRESET_TOOLTIP = (
+    "Attention matching strength (β stages, τ thresholds): local (0.5/0.8) for local edits such as "
+    "recolouring or adding an object, style (0.8/0.9) for global style changes, shape (0.4/0.5) for edits "
+    "that change shapes; off = plain denoising from the inversion."
+)
+FPS_TOOLTIP = "The clip's frame rate (SVD's fps conditioning is this minus one)."
+
+
+class SkipIntervalKVCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SkipIntervalKVCache",
+            display_name="Skip-Interval KV Cache (I2VEdit)",
+            category=f"{CATEGORY}/long video",
+            description="The first clip's temporal keys and values, which every later clip attends to, so a long "
+            "video keeps its look across clips. Holds nothing heavy: in recompute mode the K/V are re-made "
+            "step by step from the first clip's trajectories.",
+            inputs=[
+                Inversions.Input("first_clip_inversion", tooltip="The FIRST clip's inversion."),
+                EditedClip.Input(
+                    "first_clip_edit",
+                    optional=True,
+                    tooltip="The FIRST clip's Attention Match Sampler output; needed to denoise "
+                    "later clips (inverting and training them need only the inversion).",
+                ),
+            ],
+            outputs=[
+                KVCache.Output(
+                    display_name="skip_interval_kv",
+                    tooltip="For later clips' inversion, LoRA training and Attention Match Sampler.",
+                )
+            ],
+        )
+
+    @classmethod
+    def execute(cls, first_clip_inversion, first_clip_edit=None) -> io.NodeOutput:
+        if not isinstance(first_clip_inversion, InversionState):
+            raise I2VEditError("first_clip_inversion must come from 'EDM Invert SVD'.")
+        if first_clip_inversion.inversion.kv_source is not None:
+            raise I2VEditError("this inversion is of a later clip; connect the first clip's inversion.")
+        source = SourceKV(first_clip_inversion.host, first_clip_inversion.inversion)
+        edit = None
+        if first_clip_edit is not None:
+            if not isinstance(first_clip_edit, EditState):
+                raise I2VEditError("first_clip_edit must come from 'Attention Match Sampler'.")
+            if first_clip_edit.clip.inversion is not first_clip_inversion.inversion:
+                raise I2VEditError(
+                    "first_clip_edit was denoised from another inversion than first_clip_inversion."
+                )
+            edit = EditKV(first_clip_edit.clip, first_clip_edit.result)
+        return io.NodeOutput(KVState(source, edit))
+
+
+class AttentionMatchSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AttentionMatchSampler",
+            display_name="Attention Match Sampler (I2VEdit)",
+            category=f"{CATEGORY}/sampling",
+            description="Denoises a clip from its inversion under the edited first frame, matching the source's "
+            "attention where the edit did not change things (spatial difference maps) and injecting its "
+            "temporal attention in stages, so the result keeps the source's motion and unedited areas.",
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The SVD MODEL: the one that made the inversion, or its copy with "
+                    "the motion LoRA from Train Motion LoRA (then leave 'lora' empty).",
+                ),
+                Inversions.Input("inversion", tooltip="This clip's inversion."),
+                io.Combo.Input("preset", options=PRESET_NAMES, default="local", tooltip=PRESET_TOOLTIP),
+                io.Float.Input(
+                    "min_cfg",
+                    default=1.0,
+                    min=0.0,
+                    max=20.0,
+                    step=0.05,
+                    tooltip="CFG of the first frame; it ramps linearly to max_cfg at the last frame.",
+                ),
+                io.Float.Input(
+                    "max_cfg",
+                    default=2.0,
+                    min=0.0,
+                    max=20.0,
+                    step=0.05,
+                    tooltip="CFG of the last frame. The paper uses 1 → 2.",
+                ),
+                io.Float.Input("fps", default=8.0, min=1.0, max=120.0, step=0.5, tooltip=FPS_TOOLTIP),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip=SEED_TOOLTIP),
+                io.Image.Input(
+                    "edited_first_frame",
+                    optional=True,
+                    tooltip="The edited first frame at the clip's size (first clip).",
+                ),
+                EditedClip.Input(
+                    "previous_clip",
+                    optional=True,
+                    tooltip="For later clips: the previous clip's result; this clip continues from "
+                    "its last frame (used instead of edited_first_frame).",
+                ),
+                MotionLoRA.Input(
+                    "lora", optional=True, tooltip="This clip's motion LoRA, applied to 'model' here."
+                ),
+                KVCache.Input(
+                    "skip_interval_kv",
+                    optional=True,
+                    tooltip="For later clips: the first clip's K/V (with its edit connected).",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames", tooltip="The edited clip."),
+                io.Mask.Output(
+                    display_name="difference_mask",
+                    tooltip="Where matching treated the clip as edited (1) or kept the source (0).",
+                ),
+                io.Latent.Output(display_name="latent", tooltip="The edited clip's latents."),
+                EditedClip.Output(
+                    display_name="edited_clip",
+                    tooltip="For the next clip's previous_clip and for Skip-Interval KV Cache.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, preset: str, min_cfg: float, max_cfg: float, fps: float, seed: int,
+                edited_first_frame=None, previous_clip=None, lora=None,
+                skip_interval_kv=None) -> io.NodeOutput:  # fmt: skip
+        if not isinstance(inversion, InversionState):
+            raise I2VEditError("connect the inversion output of 'EDM Invert SVD'.")
+        base, inv, clip_index = inversion.host, inversion.inversion, inversion.clip_index
+        host = host_of(model, base.clip_vision, base.vae)
+        if lora is not None:
+            weights = check_lora(lora)
+            if weights.model_fingerprint not in (None, inv.fingerprint):
+                raise I2VEditError(
+                    f"this motion LoRA was trained on another model ({weights.model_fingerprint}) than the one that "
+                    f"inverted the clip ({inv.fingerprint}); train it on this SVD checkpoint."
+                )
+            if weights.clip_index not in (None, clip_index):
+                raise I2VEditError(
+                    f"this motion LoRA was trained on clip {weights.clip_index}, the inversion is of clip "
+                    f"{clip_index}; each clip needs its own LoRA."
+                )
+            host = host.with_lora(weights)
+        height, width = inv.latent_hw[0] * 8, inv.latent_hw[1] * 8
+        prev = None
+        if previous_clip is not None:
+            if not isinstance(previous_clip, EditState):
+                raise I2VEditError("previous_clip must come from another 'Attention Match Sampler'.")
+            prev = (previous_clip.result.latents[-1:], previous_clip.last_frame)
+            if tuple(prev[1].shape[1:3]) != (height, width):
+                raise I2VEditError(
+                    "previous_clip has another size than this clip; use one size for all clips."
+                )
+        elif edited_first_frame is None:
+            raise I2VEditError("connect edited_first_frame (first clip) or previous_clip (later clips).")
+        else:
+            edited = check_frames(edited_first_frame, "edited_first_frame")[:1]
+            if tuple(edited.shape[1:3]) != (height, width):
+                raise I2VEditError(
+                    f"the edited first frame is {edited.shape[1]}×{edited.shape[2]}, the clip {height}×{width}; "
+                    "pass both through 'Fit Frames (I2VEdit)'."
+                )
+        kv = None
+        if skip_interval_kv is not None:
+            if not isinstance(skip_interval_kv, KVState) or skip_interval_kv.edit is None:
+                raise I2VEditError(
+                    "skip_interval_kv must come from 'Skip-Interval KV Cache' with first_clip_edit connected."
+                )
+            kv = skip_interval_kv.edit
+        config = None if preset == "off" else MatchConfig.preset(preset)
+        mode = "cache" if inv.captures is not None else "recompute"
+        cond = edit_conditioning(base, None if prev else edited, denoise_time_ids(fps),
+                                 generator(seed, clip_index, SEED_CONDITION, 0), prev)  # fmt: skip
+        clip = MatchedClip(host, inv, cond, config, (min_cfg, max_cfg), mode, base, kv)
+        progress = StepProgress(inv.steps, model)
+        result = clip.run(capture_kv=mode == "cache" and kv is None, callback=progress.step)
+        frames = base.vae_decode(result.latents / LATENT_SCALE)
+        masks = (
+            result.frame_masks(height, width) if result.masks is not None else torch.zeros(frames.shape[:3])
+        )
+        state = EditState(clip, result, frames[-1:], clip_index)
+        return io.NodeOutput(frames, masks, {"samples": result.latents / LATENT_SCALE}, state)
+
+
+class EditVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="I2VEditVideo",
+            display_name="I2VEdit Video (all-in-one)",
+            category=CATEGORY,
+            description="Propagates an edited first frame through a whole video: fits the size, cuts clips, and "
+            "for each clip perturbs flat areas, inverts, trains a motion LoRA and denoises with attention "
+            "matching, continuing from the previous clip and attending to the first; then stitches and "
+            "restores the size. Set resume_name to keep each clip so an interrupted run resumes.",
+            inputs=[
+                io.Model.Input("model", tooltip="SVD from Image Only Checkpoint Loader (svd or svd_xt)."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION of the same checkpoint."),
+                io.Vae.Input("vae", tooltip="VAE of the same checkpoint."),
+                io.Image.Input(
+                    "frames", tooltip="The source video's frames (GetVideoComponents or VideoHelperSuite)."
+                ),
+                io.Float.Input(
+                    "fps", default=8.0, min=0.01, max=1000.0, step=0.01, tooltip="Their frame rate."
+                ),
+                io.Image.Input(
+                    "edited_first_frame",
+                    tooltip="The edited first frame; a batch of several gives one video per edit "
+                    "(they share the inversions and LoRAs), one after another in the output.",
+                ),
+                io.Int.Input(
+                    "clip_length",
+                    default=14,
+                    min=2,
+                    max=64,
+                    tooltip="Frames per clip: 14 for svd, up to 25 for svd_xt.",
+                ),
+                io.Int.Input("steps", default=25, min=2, max=1000, tooltip="Inversion and denoising steps."),
+                io.Combo.Input("preset", options=PRESET_NAMES, default="local", tooltip=PRESET_TOOLTIP),
+                io.Int.Input(
+                    "lora_steps",
+                    default=250,
+                    min=0,
+                    max=100000,
+                    tooltip="Motion LoRA steps per clip; 0 = no LoRA (faster, weaker motion).",
+                ),
+                io.Int.Input("lora_rank", default=32, min=1, max=512, tooltip="Motion LoRA rank."),
+                io.Combo.Input(
+                    "memory_mode", options=MEMORY_MODES, default="recompute", tooltip=MEMORY_TOOLTIP
+                ),
+                io.Int.Input(
+                    "max_side",
+                    default=1024,
+                    min=64,
+                    max=4096,
+                    step=64,
+                    tooltip="Longest side of the generation size (a multiple of 64).",
+                ),
+                io.Combo.Input(
+                    "resize_mode",
+                    options=["pad", "stretch"],
+                    default="pad",
+                    tooltip="pad keeps the aspect ratio; stretch fills the frame.",
+                ),
+                io.Float.Input(
+                    "max_cfg",
+                    default=2.0,
+                    min=0.0,
+                    max=20.0,
+                    step=0.05,
+                    tooltip="CFG ramps from 1 at the first frame to this at the last.",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip=SEED_TOOLTIP),
+                io.String.Input(
+                    "resume_name",
+                    default="",
+                    optional=True,
+                    tooltip="If set, every finished clip is kept in output/i2vedit_runs/<name>; "
+                    "running again resumes at the first unfinished clip, and other edits of "
+                    "the same video reuse its inversions and LoRAs.",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames", tooltip="The edited video(s), at the source's size."),
+                io.Mask.Output(display_name="difference_mask", tooltip="Difference masks, frame by frame."),
+                io.Float.Output(
+                    display_name="fps", tooltip="The frame rate, for CreateVideo or Video Combine."
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip_vision, vae, frames, fps: float, edited_first_frame, clip_length: int, steps: int,
+                preset: str, lora_steps: int, lora_rank: int, memory_mode: str, max_side: int, resize_mode: str,
+                max_cfg: float, seed: int, resume_name: str = "") -> io.NodeOutput:  # fmt: skip
+        host = host_of(model, clip_vision, vae)
+        frames = check_frames(frames)
+        edits = check_frames(edited_first_frame, "edited_first_frame")
+        settings = EditSettings(
+            chunk=clip_length, steps=steps, match=None if preset == "off" else MatchConfig.preset(preset),
+            cfg=(1.0, max_cfg), mode=memory_mode, lora_steps=lora_steps, lora_rank=lora_rank, seed=seed,
+        ).validate()  # fmt: skip
+        reuse = None
+        if resume_name.strip():
+            name = check_lora_name(resume_name, "run name").removesuffix(".safetensors")
+            reuse = os.path.join(folder_paths.get_output_directory(), "i2vedit_runs", name)
+        n = frames.shape[0]
+        clips = len(C.clip_ranges(n, min(clip_length, n), 1)) if n > 1 else 1
+        progress = StepProgress(clips * (steps * (1 + edits.shape[0]) + lora_steps), model)
+        size = C.fit_size(frames.shape[1], frames.shape[2], max_side)
+        result = edit_frames(host, frames, fps, [edits[i : i + 1] for i in range(edits.shape[0])], settings,
+                             size=size, resize_mode=resize_mode, reuse_dir=reuse, step_callback=progress.step)  # fmt: skip
+        seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.report["seconds"].items())
+        text = f"{result.report['clips']} clips of {n} frames at {size[1]}×{size[0]}: {seconds}"
+        return io.NodeOutput(
+            torch.cat(result.videos), torch.cat(result.masks), float(fps), ui=ui.PreviewText(text)
+        )

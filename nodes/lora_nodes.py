@@ -1,0 +1,221 @@
+"""Motion LoRA training, saving and loading (files in models/loras/i2vedit, loadable by stock loaders)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..i2vedit.errors import I2VEditError
+from ..i2vedit.hosts.base import LATENT_SCALE
+from ..i2vedit.hosts.comfy_lora import comfy_lora_model
+from ..i2vedit.lora_file import LoRAWeights, load_lora, save_lora
+from ..i2vedit.lora_targets import TARGET_SETS
+from ..i2vedit.lora_train import LoRATrainingError, TrainConfig
+from ..i2vedit.stages import SEED_TRAIN, derived_seed, train_clip_lora
+from .common import (
+    CATEGORY,
+    LORA_FOLDER,
+    SEED_TOOLTIP,
+    Inversions,
+    InversionState,
+    KVCache,
+    KVState,
+    MotionLoRA,
+    StepProgress,
+    folder,
+    stop_run,
+    target_path,
+)
+
+log = logging.getLogger("i2vedit")
+
+
+def _rescue(weights: LoRAWeights, stem: str, why: str) -> str:
+    """Save a LoRA that would otherwise be lost (interrupt, failed step): LoRA folder, else temp."""
+    name = f"{stem}_{why}_step{weights.steps or 0}_{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+    for base in (folder(LORA_FOLDER), tempfile.gettempdir()):
+        try:
+            return str(save_lora(os.path.join(base, name), weights))
+        except (OSError, I2VEditError) as e:
+            log.warning("could not keep the LoRA in %s: %s", base, e)
+    return "nowhere (both the LoRA folder and the temp folder refused it)"
+
+
+def check_lora(lora) -> LoRAWeights:
+    if not isinstance(lora, LoRAWeights):
+        raise I2VEditError("connect a motion LoRA from 'Train Motion LoRA' or 'Load Motion LoRA (I2VEdit)'.")
+    return lora
+
+
+class TrainMotionLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TrainMotionLoRA",
+            display_name="Train Motion LoRA (I2VEdit)",
+            category=f"{CATEGORY}/lora",
+            description="Fits a LoRA on SVD's temporal layers to this clip's motion (EDM loss, the authors' "
+            "settings), so the edited video moves like the source. Trains at the inversion's resolution. "
+            "An interrupt or a failed step keeps the LoRA trained so far in models/loras/i2vedit.",
+            inputs=[
+                Inversions.Input(
+                    "inversion", tooltip="The clip's inversion (its clean latents and first frame)."
+                ),
+                io.Int.Input(
+                    "steps", default=250, min=1, max=100000, tooltip="Training steps; the paper uses 250."
+                ),
+                io.Int.Input("rank", default=32, min=1, max=512, tooltip="LoRA rank; the paper uses 32."),
+                io.Float.Input(
+                    "learning_rate",
+                    default=5e-4,
+                    min=1e-7,
+                    max=1.0,
+                    step=1e-5,
+                    tooltip="AdamW learning rate; the paper uses 5e-4.",
+                ),
+                io.Combo.Input(
+                    "target_set",
+                    options=list(TARGET_SETS),
+                    default="temporal",
+                    tooltip="temporal (the authors'): temporal attention and feed-forward layers; "
+                    "temporal_attention: attention projections only (fewer parameters).",
+                ),
+                io.Float.Input(
+                    "dropout",
+                    default=0.1,
+                    min=0.0,
+                    max=0.9,
+                    step=0.01,
+                    tooltip="Dropout on the LoRA branch during training; the paper uses 0.1.",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=True,
+                    tooltip="Recompute activations in the backward pass: much less VRAM, ~15% slower.",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip=SEED_TOOLTIP),
+                KVCache.Input(
+                    "skip_interval_kv",
+                    optional=True,
+                    tooltip="For clips after the first: the first clip's K/V, as in inversion.",
+                ),
+                io.String.Input(
+                    "save_name",
+                    default="",
+                    optional=True,
+                    tooltip="If set, also save the LoRA as models/loras/i2vedit/<name>.safetensors "
+                    "(checked before training starts).",
+                ),
+            ],
+            outputs=[
+                MotionLoRA.Output(
+                    display_name="lora", tooltip="The motion LoRA, for Attention Match Sampler."
+                ),
+                io.Model.Output(display_name="model", tooltip="The MODEL with the LoRA applied (a copy)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, inversion, steps: int, rank: int, learning_rate: float, target_set: str, dropout: float,
+                gradient_checkpointing: bool, seed: int, skip_interval_kv=None,
+                save_name: str = "") -> io.NodeOutput:  # fmt: skip
+        if not isinstance(inversion, InversionState):
+            raise I2VEditError("connect the inversion output of 'EDM Invert SVD'.")
+        kv = None
+        if skip_interval_kv is not None:
+            if not isinstance(skip_interval_kv, KVState):
+                raise I2VEditError("skip_interval_kv must come from 'Skip-Interval KV Cache'.")
+            kv = skip_interval_kv.source
+        inv, host, clip_index = inversion.inversion, inversion.host, inversion.clip_index
+        save_path = target_path(LORA_FOLDER, save_name, overwrite=False) if save_name.strip() else None
+        config = TrainConfig(rank=rank, steps=steps, lr=learning_rate, dropout=dropout, target_set=target_set,
+                             seed=derived_seed(seed, clip_index, SEED_TRAIN) % 2**31).validate()  # fmt: skip
+        progress = StepProgress(steps)
+        stem = (
+            os.path.splitext(os.path.basename(save_path))[0]
+            if save_path
+            else f"motion_lora_clip{clip_index:03d}"
+        )
+        with tempfile.TemporaryDirectory(prefix="i2vedit-train-") as ckpt:
+            try:
+                result = train_clip_lora(
+                    host, inv.latents[0], inv.latents[0][:1] / LATENT_SCALE, inv.cond.clip_embed, config,
+                    clip_index, kv, checkpoint_dir=ckpt, should_stop=progress.should_stop, callback=progress.soft_step,
+                    gradient_checkpointing=gradient_checkpointing,
+                )  # fmt: skip
+            except LoRATrainingError as e:
+                where = _rescue(e.weights, stem, "failed")
+                raise I2VEditError(f"{e} The LoRA of the last good step is saved as {where}.") from e
+        if result.interrupted:
+            where = _rescue(result.weights, stem, "interrupted")
+            log.warning(
+                "training interrupted at step %d; the LoRA so far is saved as %s", result.steps_done, where
+            )
+            stop_run()
+        weights = result.weights
+        text = f"trained {steps} steps; loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}"
+        if save_path is not None:
+            try:
+                text += f"; saved {save_lora(save_path, weights)}"
+            except I2VEditError as e:
+                raise I2VEditError(
+                    f"{e} The trained LoRA is kept as {_rescue(weights, stem, 'unsaved')}."
+                ) from e
+        model = comfy_lora_model(host.patcher, weights)
+        return io.NodeOutput(weights, model, ui=ui.PreviewText(text))
+
+
+class SaveMotionLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="I2VEditSaveMotionLoRA",
+            display_name="Save Motion LoRA (I2VEdit)",
+            category=f"{CATEGORY}/lora",
+            description="Saves a motion LoRA to models/loras/i2vedit (safetensors with ComfyUI LoRA keys and "
+            "metadata); stock 'LoraLoaderModelOnly' lists it as i2vedit/<name>.",
+            inputs=[
+                MotionLoRA.Input("lora", tooltip="From Train Motion LoRA."),
+                io.String.Input("name", default="motion_lora_clip000", tooltip="File name (no folders)."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name."),
+            ],
+            outputs=[MotionLoRA.Output(display_name="lora", tooltip="The same LoRA, passed on.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora, name: str, overwrite: bool) -> io.NodeOutput:
+        weights = check_lora(lora)
+        path = save_lora(target_path(LORA_FOLDER, name, overwrite), weights)
+        return io.NodeOutput(weights, ui=ui.PreviewText(f"saved {path}"))
+
+
+class LoadMotionLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="I2VEditLoadMotionLoRA",
+            display_name="Load Motion LoRA (I2VEdit)",
+            category=f"{CATEGORY}/lora",
+            description="Loads a saved motion LoRA (safetensors only; checked against the model when used).",
+            inputs=[
+                io.Combo.Input(
+                    "name",
+                    options=folder_paths.get_filename_list(LORA_FOLDER),
+                    tooltip="A file in models/loras/i2vedit.",
+                ),
+            ],
+            outputs=[MotionLoRA.Output(display_name="lora", tooltip="The motion LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path(LORA_FOLDER, name)
+        if path is None:
+            raise I2VEditError(f"no motion LoRA named {name!r} in models/loras/i2vedit.")
+        return io.NodeOutput(load_lora(path))
