@@ -55,6 +55,29 @@ def test_full_size_svd_goes_through_comfy_model_detection(comfy):
     assert attn1 == sorted([p.comfy_spatial for p in POSITIONS] + [p.comfy_temporal for p in POSITIONS])
 
 
+def test_detected_full_size_model_gets_16_plus_16_attention_patches_and_lora_targets(comfy):
+    """The model ComfyUI builds from a detected full-size SVD checkpoint, as the nodes receive it."""
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    from i2vedit.hosts.comfy_host import ComfySVDHost, build_svd_patcher
+    from i2vedit.lora_targets import lora_param_count, target_shapes
+
+    sd = build_svd_patcher(device="meta").model.diffusion_model.state_dict()
+    config = comfy.model_detection.model_config_from_unet(
+        {f"model.diffusion_model.{k}": v for k, v in sd.items()}, "model.diffusion_model."
+    )
+    model = config.get_model({}, device="meta")
+    user = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
+    controlled = ComfySVDHost(user).controlled_patcher
+    replace = controlled.model_options["transformer_options"]["patches_replace"]["attn1"]
+    assert sorted(replace) == sorted(p.comfy_patch_key for p in POSITIONS) and len(replace) == 16
+    tagged = [k for k in controlled.object_patches if k.endswith("time_stack.0.forward")]
+    assert len(tagged) == 16 and not user.object_patches and not user.model_options.get("transformer_options")
+    shapes = target_shapes(model.diffusion_model, "temporal", "comfy")
+    assert len(shapes) == 192 and lora_param_count(shapes, 32) == 17_821_696
+
+
 def test_same_denoiser_output_as_diffusers_on_identical_weights(hosts, cond):
     comfy_host, diffusers_host = hosts
     aligned = align_groupnorm_eps(diffusers_host)

@@ -360,9 +360,11 @@ def test_unet_only_file_names_the_missing_parts(tmp_path, tiny_file):
     ):
         load_single_file(path)
     save_file({k: v for k, v in sd.items() if not k.startswith(CLIP_PREFIX)}, str(path))
-    with pytest.raises(ModelFileError, match=r"lacks the image encoder") as e:
+    with pytest.raises(
+        ModelFileError, match=r"not a whole SVD checkpoint: it lacks the image encoder \(cond"
+    ) as e:
         check_single_file(path)
-    assert "first_stage_model" not in str(e.value).split("lacks")[1].split(".")[0]
+    assert "first_stage_model" not in str(e.value)
 
 
 def test_vae_only_file_is_not_an_svd_checkpoint(tmp_path, tiny_file):
@@ -411,6 +413,17 @@ def test_known_extra_sgm_keys_are_not_read(tmp_path, tiny_file):
     path = tmp_path / "svd.safetensors"
     save_file(sd, str(path), metadata=meta)
     _sd_equal(load_single_file(path, device="cpu").vae, host.vae)
+
+
+def test_a_vae_the_library_cannot_build_is_named(tmp_path, tiny_file):
+    """16-channel levels cannot take diffusers' 32-group norms: said, not a bare torch error."""
+    sd, meta = _tiny_sgm(tiny_file)
+    sd = {k: v for k, v in sd.items() if not k.startswith(VAE_PREFIX)}
+    sd.update({VAE_PREFIX + k: torch.zeros(s) for k, s in _expected_sgm_vae_keys((16,) * 4, 1).items()})
+    path = tmp_path / "svd.safetensors"
+    save_file(sd, str(path), metadata=meta)
+    with pytest.raises(ModelFileError, match=r"the VAE its tensor shapes describe .*cannot be built"):
+        load_single_file(path, device="cpu")
 
 
 def test_malformed_metadata_is_named(tmp_path, tiny_file):
@@ -465,8 +478,9 @@ def test_cli_loads_a_single_file_into_a_working_host(tiny_file):
     host, path = tiny_file
     loaded = load_diffusers_host(path)
     assert isinstance(loaded, DiffusersSVDHost)
+    rtol, atol = (1e-5, 1e-6) if loaded.device.type == "cpu" else (1e-2, 1e-3)  # CUDA: TF32 convolutions
     for mine, theirs in zip(_outputs(loaded), _outputs(host)):
-        torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.cpu(), theirs, rtol=rtol, atol=atol)
     with pytest.raises(I2VEditError, match="is not a file"):
         load_single_file(path.parent)
 

@@ -35,7 +35,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,6 +44,9 @@ from torch import Tensor
 from ..errors import I2VEditError, LoRAFileError, ModelFileError, NotSVDModelError
 from ..files import save_safetensors_atomic
 from .keymap import comfy_to_diffusers_key, diffusers_to_comfy_key
+
+if TYPE_CHECKING:
+    from .diffusers_host import DiffusersSVDHost
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -310,7 +313,7 @@ def clip_open_clip_to_transformers(sd: Mapping[str, Tensor], name_prefix: str = 
     unknown = []
     for k, v in sd.items():
         if k in _CLIP_TOP:
-            out[_CLIP_TOP[k]] = v
+            out[_CLIP_TOP[k]] = v.t().contiguous() if k == "proj" else v
             continue
         m = _OC_BLOCK.match(k)
         if m is None:
@@ -411,7 +414,7 @@ def sgm_state_dict(
     return out
 
 
-def write_single_file(host: Any, path: str | os.PathLike) -> Path:
+def write_single_file(host: DiffusersSVDHost, path: str | os.PathLike) -> Path:
     """Write a ``DiffusersSVDHost``'s models as one SGM ``.safetensors`` checkpoint (atomically).
 
     The metadata records what shapes cannot tell (attention heads, CLIP activation), so
@@ -507,16 +510,17 @@ def _check_layout(p: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
     if not has_clip:
         missing.append(f"the image encoder ({CLIP_PREFIX}*)")
     if missing:
+        held = "holds the SVD UNet only" if len(missing) == 2 else "is not a whole SVD checkpoint"
         raise ModelFileError(
-            f"{p} holds the SVD UNet only: it lacks {' and '.join(missing)}. The command line needs the "
-            "whole image-only SVD checkpoint. " + _HELP
+            f"{p} {held}: it lacks {' and '.join(missing)}. The command line needs the whole image-only "
+            "SVD checkpoint. " + _HELP
         )
     stray = sorted(
         k for k in keys if not k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, *IGNORED_PREFIXES))
     )
     if stray:
         raise ModelFileError(
-            f"{p} has {len(stray)} keys that are not part of an SVD checkpoint: {_listed(stray)}. "
+            f"{p} has {_n_keys(len(stray))} that are not part of an SVD checkpoint: {_listed(stray)}. "
             "Was it merged or converted by another tool? " + _HELP
         )
 
@@ -687,6 +691,20 @@ def _load_strict(
     model.load_state_dict(sd, strict=True, assign=True)
 
 
+def _build_on_meta(
+    make: Callable[[], torch.nn.Module], what: str, config: Mapping[str, Any]
+) -> torch.nn.Module:
+    """The model, without memory for its weights; a configuration the library refuses is named."""
+    try:
+        with torch.device("meta"):
+            return make()
+    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+        raise ModelFileError(
+            f"the {what} its tensor shapes describe ({dict(config)}) cannot be built ({e}); "
+            "it is not an SVD model of the supported kind."
+        ) from None
+
+
 def _fill_meta_buffers(model: torch.nn.Module, what: str) -> None:
     """Non-persistent buffers are not in files; rebuild the known ones left on the meta device."""
     for mod_name, mod in model.named_modules():
@@ -709,7 +727,7 @@ def load_single_file(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
-) -> Any:
+) -> DiffusersSVDHost:
     """A ``DiffusersSVDHost`` from an SGM single-file SVD checkpoint (``svd.safetensors``, ``svd_xt``).
 
     Reads with safetensors only; the UNet is held in ``dtype``, the VAE and image encoder in
@@ -747,8 +765,9 @@ def load_single_file(
                 clip_sd = clip_open_clip_to_transformers(raw, CLIP_PREFIX)
             del raw
             cfg = clip_config_from_state_dict(clip_sd, clip_heads[0] if clip_heads else None, clip_act)
-            with torch.device("meta"):
-                clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))
+            clip = _build_on_meta(
+                lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg)), "image encoder", cfg
+            )
             _load_strict(clip, clip_sd, lambda k: _clip_file_name(k, hf_format), "image encoder", p)
             _fill_meta_buffers(clip, "image encoder")
             del clip_sd
@@ -760,8 +779,7 @@ def load_single_file(
             levels = len(vae_cfg["block_out_channels"])
             vae_sd = vae_sgm_to_diffusers(vae_sgm, VAE_PREFIX)
             del vae_sgm
-            with torch.device("meta"):
-                vae = AutoencoderKLTemporalDecoder(**vae_cfg)
+            vae = _build_on_meta(lambda: AutoencoderKLTemporalDecoder(**vae_cfg), "VAE", vae_cfg)
 
             def vae_name(k: str) -> str:
                 try:
@@ -779,8 +797,7 @@ def load_single_file(
             unet_sd = _convert_all(unet_sgm, comfy_to_diffusers_key, "UNet", UNET_PREFIX)
             del unet_sgm
             unet_cfg = unet_config_from_state_dict(unet_sd, unet_heads)
-            with torch.device("meta"):
-                unet = UNetSpatioTemporalConditionModel(**unet_cfg)
+            unet = _build_on_meta(lambda: UNetSpatioTemporalConditionModel(**unet_cfg), "UNet", unet_cfg)
 
             def unet_name(k: str) -> str:
                 try:
