@@ -131,7 +131,11 @@ def throw_if_interrupted() -> None:
 
 
 def stop_run() -> None:
-    """End the run the way a user's interrupt does."""
+    """End the run the way a user's interrupt does, consuming ComfyUI's interrupt flag.
+
+    Left set, the flag would interrupt the next prompt's first node.
+    """
+    comfy.model_management.throw_exception_if_processing_interrupted()  # clears the flag and raises, if set
     raise comfy.model_management.InterruptProcessingException()
 
 
