@@ -152,10 +152,10 @@ class TrainMotionLoRA(io.ComfyNode):
                 where = _rescue(e.weights, stem, "failed")
                 raise I2VEditError(f"{e} The LoRA of the last good step is saved as {where}.") from e
         if result.interrupted:
-            where = _rescue(result.weights, stem, "interrupted")
-            log.warning(
-                "training interrupted at step %d; the LoRA so far is saved as %s", result.steps_done, where
-            )
+            if result.steps_done > 0:  # an untrained LoRA is not worth a file
+                where = _rescue(result.weights, stem, "interrupted")
+                log.warning("training interrupted at step %d; the LoRA so far is saved as %s",
+                            result.steps_done, where)  # fmt: skip
             stop_run()
         weights = result.weights
         text = f"trained {steps} steps; loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}"
