@@ -72,6 +72,12 @@ def test_server_lists_pack_and_test_nodes(comfy_server: ComfyServer) -> None:
     assert comfy_server.object_info("SARPPerturb")["category"] == "I2VEdit/inversion"
     assert (comfy_server.models_dir / "loras").is_dir()
     assert not re.search(r"\(IMPORT FAILED\): .*custom_nodes", comfy_server.log())
+    from test_workflows import pack_node_ids
+
+    ours = pack_node_ids()  # every node_id declared in nodes/*.py
+    assert len(ours) == 17
+    assert {k for k, v in info.items() if v["python_module"] == "custom_nodes.i2vedit"} == ours
+    assert all(info[k]["category"].split("/")[0] == "I2VEdit" for k in ours)
 
 
 def test_prompt_runs_pack_and_stock_nodes_and_saves_files(comfy_server: ComfyServer) -> None:

@@ -186,3 +186,20 @@ def test_lora_of_another_clip_or_model_is_refused(pack, tiny, video):
     foreign = type(lora)(**{**lora.__dict__, "model_fingerprint": "0123456789abcdef"})
     with pytest.raises(ValueError, match="trained on another model"):
         run(pack, "AttentionMatchSampler", inversion=inv0, lora=foreign, **kw)
+
+
+def test_every_input_has_a_tooltip_and_every_node_one_category_root(pack):
+    ids = set()
+    for cls in pack.NODES:
+        schema = cls.define_schema()
+        ids.add(schema.node_id)
+        assert schema.category.split("/")[0] == "I2VEdit" and schema.description
+        for item in [*schema.inputs, *schema.outputs]:
+            assert item.tooltip, f"{schema.node_id}.{item.id} has no tooltip"
+    assert {
+        "SARPPerturb",
+        "EDMInvertSVD",
+        "TrainMotionLoRA",
+        "SkipIntervalKVCache",
+        "AttentionMatchSampler",
+    } <= ids
