@@ -26,6 +26,15 @@ def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Pat
     return p
 
 
+def looks_pickled(path: str | os.PathLike) -> bool:
+    """True for a pickle or zip (``torch.save``) file, judged by its first bytes, without parsing it."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def save_safetensors_atomic(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import LoRAError, LoRAFileError
+from .files import looks_pickled
 from .lora_targets import (
     BLOCK_LINEARS,
     TARGET_SETS,
@@ -453,11 +454,7 @@ def _foreign_hint(keys: list[str]) -> str:
 
 def _sniff(p: Path) -> None:
     """Refuse pickle / zip (torch.save) files by their first bytes, before any parser sees them."""
-    with open(p, "rb") as f:
-        head = f.read(9)
-    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
-        return
-    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+    if looks_pickled(p):
         raise LoRAFileError(
             f"{p} is a PyTorch pickle file (torch.save), not safetensors; it was not opened, because "
             "unpickling can run arbitrary code. Give a .safetensors motion LoRA saved by this pack."

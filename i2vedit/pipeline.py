@@ -194,6 +194,11 @@ class ReuseFolder:
             raise I2VEditError(f"{path} is damaged ({e}); delete it to recompute that clip.") from e
 
 
+def video_clip_ranges(frames: int, settings: EditSettings) -> list[tuple[int, int]]:
+    """The clips ``edit_video`` cuts a video of ``frames`` frames into (a shorter video: one clip)."""
+    return C.clip_ranges(frames, min(settings.chunk, frames), settings.overlap) if frames > 1 else [(0, 1)]
+
+
 def edit_video(
     host: SVDHost,
     frames: torch.Tensor,
@@ -227,7 +232,7 @@ def edit_video(
     if fps <= 0:
         raise I2VEditError(f"frame rate must be positive, got {fps}.")
     fingerprint = host.fingerprint()
-    ranges = C.clip_ranges(n, min(settings.chunk, n), settings.overlap) if n > 1 else [(0, 1)]
+    ranges = video_clip_ranges(n, settings)
     if ranges[0][1] - ranges[0][0] < 2:
         raise I2VEditError("the video has a single frame; SVD needs at least 2 frames.")
     identity = {

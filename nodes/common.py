@@ -116,6 +116,33 @@ def check_frames(frames: torch.Tensor, what: str = "frames") -> torch.Tensor:
     return frames[..., :3]
 
 
+def checkpoint_inputs(model_tooltip: str) -> list[io.Input]:
+    """The MODEL, CLIP_VISION and VAE inputs that Image Only Checkpoint Loader feeds."""
+    return [
+        io.Model.Input("model", tooltip=model_tooltip),
+        io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION of the same checkpoint."),
+        io.Vae.Input("vae", tooltip="VAE of the same checkpoint."),
+    ]
+
+
+def check_inversion(inversion: Any) -> InversionState:
+    if not isinstance(inversion, InversionState):
+        raise I2VEditError("connect the inversion output of 'EDM Invert SVD' or 'Load Inversion (I2VEdit)'.")
+    return inversion
+
+
+def check_kv(kv: Any, need_edit: bool = False) -> KVState | None:
+    """A connected ``I2V_KV`` (None when the optional socket is empty); ``need_edit`` for denoising."""
+    if kv is None:
+        return None
+    if not isinstance(kv, KVState) or (need_edit and kv.edit is None):
+        raise I2VEditError(
+            "skip_interval_kv must come from 'Skip-Interval KV Cache'"
+            + (" with first_clip_edit connected." if need_edit else ".")
+        )
+    return kv
+
+
 def check_resize(plan: Any) -> ResizePlan:
     if not isinstance(plan, ResizePlan):
         raise I2VEditError("connect the resize output of 'Fit Frames (I2VEdit)'.")

@@ -14,7 +14,7 @@ from ..i2vedit.errors import I2VEditError
 from ..i2vedit.hosts.base import LATENT_SCALE
 from ..i2vedit.lora_file import check_lora_name
 from ..i2vedit.matched import EditKV, MatchedClip, SourceKV
-from ..i2vedit.pipeline import EditSettings, edit_frames
+from ..i2vedit.pipeline import EditSettings, edit_frames, video_clip_ranges
 from ..i2vedit.stages import SEED_CONDITION, denoise_time_ids, edit_conditioning, generator
 from .common import (
     CATEGORY,
@@ -24,12 +24,14 @@ from .common import (
     EditedClip,
     EditState,
     Inversions,
-    InversionState,
     KVCache,
     KVState,
     MotionLoRA,
     StepProgress,
     check_frames,
+    check_inversion,
+    check_kv,
+    checkpoint_inputs,
     host_of,
 )
 from .lora_nodes import check_lora
@@ -72,8 +74,7 @@ class SkipIntervalKVCache(io.ComfyNode):
 
     @classmethod
     def execute(cls, first_clip_inversion, first_clip_edit=None) -> io.NodeOutput:
-        if not isinstance(first_clip_inversion, InversionState):
-            raise I2VEditError("first_clip_inversion must come from 'EDM Invert SVD'.")
+        first_clip_inversion = check_inversion(first_clip_inversion)
         if first_clip_inversion.inversion.kv_source is not None:
             raise I2VEditError("this inversion is of a later clip; connect the first clip's inversion.")
         source = SourceKV(first_clip_inversion.host, first_clip_inversion.inversion)
@@ -163,8 +164,7 @@ class AttentionMatchSampler(io.ComfyNode):
     def execute(cls, model, inversion, preset: str, min_cfg: float, max_cfg: float, fps: float, seed: int,
                 edited_first_frame=None, previous_clip=None, lora=None,
                 skip_interval_kv=None) -> io.NodeOutput:  # fmt: skip
-        if not isinstance(inversion, InversionState):
-            raise I2VEditError("connect the inversion output of 'EDM Invert SVD'.")
+        inversion = check_inversion(inversion)
         base, inv, clip_index = inversion.host, inversion.inversion, inversion.clip_index
         host = host_of(model, base.clip_vision, base.vae)
         if lora is not None:
@@ -199,13 +199,8 @@ class AttentionMatchSampler(io.ComfyNode):
                     f"the edited first frame is {edited.shape[1]}×{edited.shape[2]}, the clip {height}×{width}; "
                     "pass both through 'Fit Frames (I2VEdit)'."
                 )
-        kv = None
-        if skip_interval_kv is not None:
-            if not isinstance(skip_interval_kv, KVState) or skip_interval_kv.edit is None:
-                raise I2VEditError(
-                    "skip_interval_kv must come from 'Skip-Interval KV Cache' with first_clip_edit connected."
-                )
-            kv = skip_interval_kv.edit
+        kv_state = check_kv(skip_interval_kv, need_edit=True)
+        kv = kv_state.edit if kv_state is not None else None
         config = None if preset == "off" else MatchConfig.preset(preset)
         mode = "cache" if inv.captures is not None else "recompute"
         cond = edit_conditioning(base, None if prev else edited, denoise_time_ids(fps),
@@ -233,9 +228,7 @@ class EditVideo(io.ComfyNode):
             "matching, continuing from the previous clip and attending to the first; then stitches and "
             "restores the size. Set resume_name to keep each clip so an interrupted run resumes.",
             inputs=[
-                io.Model.Input("model", tooltip="SVD from Image Only Checkpoint Loader (svd or svd_xt)."),
-                io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION of the same checkpoint."),
-                io.Vae.Input("vae", tooltip="VAE of the same checkpoint."),
+                *checkpoint_inputs("SVD from Image Only Checkpoint Loader (svd or svd_xt)."),
                 io.Image.Input(
                     "frames", tooltip="The source video's frames (GetVideoComponents or VideoHelperSuite)."
                 ),
@@ -324,7 +317,7 @@ class EditVideo(io.ComfyNode):
             name = check_lora_name(resume_name, "run name").removesuffix(".safetensors")
             reuse = os.path.join(folder_paths.get_output_directory(), "i2vedit_runs", name)
         n = frames.shape[0]
-        clips = len(C.clip_ranges(n, min(clip_length, n), 1)) if n > 1 else 1
+        clips = len(video_clip_ranges(n, settings))
         progress = StepProgress(clips * (steps * (1 + edits.shape[0]) + lora_steps), model)
         size = C.fit_size(frames.shape[1], frames.shape[2], max_side)
         result = edit_frames(host, frames, fps, [edits[i : i + 1] for i in range(edits.shape[0])], settings,

@@ -29,9 +29,11 @@ from .common import (
     Inversions,
     InversionState,
     KVCache,
-    KVState,
     StepProgress,
     check_frames,
+    check_inversion,
+    check_kv,
+    checkpoint_inputs,
     host_of,
     target_path,
 )
@@ -40,12 +42,6 @@ KV_IN_TOOLTIP = (
     "For clips after the first: the first clip's K/V from Skip-Interval KV Cache, so this clip attends to "
     "the first clip (long-video consistency). Leave empty for the first clip."
 )
-
-
-def _check_inversion(inv) -> InversionState:
-    if not isinstance(inv, InversionState):
-        raise I2VEditError("connect the inversion output of 'EDM Invert SVD' or 'Load Inversion (I2VEdit)'.")
-    return inv
 
 
 class EDMInvertSVD(io.ComfyNode):
@@ -58,11 +54,7 @@ class EDMInvertSVD(io.ComfyNode):
             description="Runs SVD's EDM sampler backwards from the clean source clip to noise (Euler, σ 0.002 → 700), "
             "conditioned on the source's first frame, and keeps the trajectory for attention matching.",
             inputs=[
-                io.Model.Input(
-                    "model", tooltip="SVD from Image Only Checkpoint Loader (svd or svd_xt), without LoRA."
-                ),
-                io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION of the same checkpoint."),
-                io.Vae.Input("vae", tooltip="VAE of the same checkpoint."),
+                *checkpoint_inputs("SVD from Image Only Checkpoint Loader (svd or svd_xt), without LoRA."),
                 io.Image.Input(
                     "frames",
                     tooltip="The clip's frames after SARP Perturb, at a size that is a multiple "
@@ -100,11 +92,8 @@ class EDMInvertSVD(io.ComfyNode):
         C.check_size(*frames.shape[1:3])
         if frames.shape[0] < 2:
             raise I2VEditError("a clip needs at least 2 frames.")
-        kv = None
-        if skip_interval_kv is not None:
-            if not isinstance(skip_interval_kv, KVState):
-                raise I2VEditError("skip_interval_kv must come from 'Skip-Interval KV Cache'.")
-            kv = skip_interval_kv.source
+        kv_state = check_kv(skip_interval_kv)
+        kv = kv_state.source if kv_state is not None else None
         progress = StepProgress(steps, model)
         latents, cond = encode_source(host, frames, generator(seed, clip_index, SEED_ENCODE),
                                       EditSettings.inversion_fps_id)  # fmt: skip
@@ -142,7 +131,7 @@ class InversionCheck(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion, source_frames) -> io.NodeOutput:
-        state = _check_inversion(inversion)
+        state = check_inversion(inversion)
         src = check_frames(source_frames, "source_frames")
         inv = state.inversion
         if src.shape[0] != inv.frames or (src.shape[1] // 8, src.shape[2] // 8) != inv.latent_hw:
@@ -182,7 +171,7 @@ class SaveInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion, name: str, overwrite: bool) -> io.NodeOutput:
-        state = _check_inversion(inversion)
+        state = check_inversion(inversion)
         path = target_path(INVERSION_FOLDER, name, overwrite)
         save_inversion(path, state.inversion, {"clip_index": str(state.clip_index)})
         return io.NodeOutput(state, ui=ui.PreviewText(f"saved {path}"))
@@ -198,11 +187,7 @@ class LoadInversion(io.ComfyNode):
             description="Loads a saved inversion for the same clip and SVD model (checked). A saved inversion "
             "holds no attention cache, so matching recomputes the source's attention.",
             inputs=[
-                io.Model.Input(
-                    "model", tooltip="The SVD the inversion was made with (checked by its weights)."
-                ),
-                io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION of the same checkpoint."),
-                io.Vae.Input("vae", tooltip="VAE of the same checkpoint."),
+                *checkpoint_inputs("The SVD the inversion was made with (checked by its weights)."),
                 io.Combo.Input(
                     "name",
                     options=folder_paths.get_filename_list(INVERSION_FOLDER),
@@ -229,10 +214,11 @@ class LoadInversion(io.ComfyNode):
                 f"{name} was inverted with another model ({inv.fingerprint}) than this MODEL ({host.fingerprint()}); "
                 "load it with the same SVD checkpoint, or invert again."
             )
+        kv_state = check_kv(skip_interval_kv)
         if meta.get("skip_interval") == "1":
-            if skip_interval_kv is None:
+            if kv_state is None:
                 raise I2VEditError(
                     f"{name} is a later clip inverted with the first clip's K/V; connect the same skip_interval_kv."
                 )
-            inv.kv_source = skip_interval_kv.source
+            inv.kv_source = kv_state.source
         return io.NodeOutput(InversionState(inv, host, "recompute", int(meta.get("clip_index", "0"))))

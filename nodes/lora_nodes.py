@@ -22,11 +22,11 @@ from .common import (
     LORA_FOLDER,
     SEED_TOOLTIP,
     Inversions,
-    InversionState,
     KVCache,
-    KVState,
     MotionLoRA,
     StepProgress,
+    check_inversion,
+    check_kv,
     folder,
     stop_run,
     target_path,
@@ -124,13 +124,9 @@ class TrainMotionLoRA(io.ComfyNode):
     def execute(cls, inversion, steps: int, rank: int, learning_rate: float, target_set: str, dropout: float,
                 gradient_checkpointing: bool, seed: int, skip_interval_kv=None,
                 save_name: str = "") -> io.NodeOutput:  # fmt: skip
-        if not isinstance(inversion, InversionState):
-            raise I2VEditError("connect the inversion output of 'EDM Invert SVD'.")
-        kv = None
-        if skip_interval_kv is not None:
-            if not isinstance(skip_interval_kv, KVState):
-                raise I2VEditError("skip_interval_kv must come from 'Skip-Interval KV Cache'.")
-            kv = skip_interval_kv.source
+        inversion = check_inversion(inversion)
+        kv_state = check_kv(skip_interval_kv)
+        kv = kv_state.source if kv_state is not None else None
         inv, host, clip_index = inversion.inversion, inversion.host, inversion.clip_index
         save_path = target_path(LORA_FOLDER, save_name, overwrite=False) if save_name.strip() else None
         config = TrainConfig(rank=rank, steps=steps, lr=learning_rate, dropout=dropout, target_set=target_set,

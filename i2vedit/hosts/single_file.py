@@ -41,8 +41,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ..errors import I2VEditError, LoRAFileError, ModelFileError, NotSVDModelError
-from ..files import save_safetensors_atomic
+from ..errors import I2VEditError, ModelFileError, NotSVDModelError
+from ..files import looks_pickled, save_safetensors_atomic
 from .keymap import comfy_to_diffusers_key, diffusers_to_comfy_key
 
 if TYPE_CHECKING:
@@ -438,15 +438,11 @@ def _as_tuple(value: int | Iterable[int], n: int) -> tuple[int, ...]:
 
 
 def _refuse_pickle(p: Path) -> None:
-    from ..lora_file import _sniff
-
-    try:
-        _sniff(p)  # the motion-LoRA reader's first-bytes check: pickle or zip (torch.save)
-    except LoRAFileError:
+    if looks_pickled(p):
         raise ModelFileError(
             f"{p} is a PyTorch pickle checkpoint (torch.save / .ckpt), not safetensors; it was not opened, "
             "because unpickling can run arbitrary code. " + _HELP
-        ) from None
+        )
 
 
 def _open_header(p: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
