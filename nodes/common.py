@@ -6,6 +6,7 @@ Nodes stay thin: they validate what ComfyUI hands them, call ``i2vedit`` and wra
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,11 +65,59 @@ def folder(name: str) -> str:
     return path
 
 
-def target_path(folder_name: str, name: str, overwrite: bool) -> str:
-    """A file path in a registered folder for a user-given name, refusing separators and clobbering."""
-    path = os.path.join(folder(folder_name), check_lora_name(name, "file name"))
-    if os.path.exists(path) and not overwrite:
+# Saves write ``.<name>.XXXXXXXX.tmp`` next to the file first (``lora_file.save_lora``, ``files``): keep room.
+TEMP_NAME_ROOM = 16
+
+
+def name_limit(base: str) -> int:
+    """The longest file name (in bytes) a save into folder ``base`` can use, temp file included."""
+    try:
+        name_max = int(os.pathconf(base, "PC_NAME_MAX"))
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer: the common limit
+        name_max = 255
+    return max(name_max, 32) - TEMP_NAME_ROOM
+
+
+def short(name: str, keep: int = 40) -> str:
+    """``name`` for a message: long names shortened with an ellipsis."""
+    return name if len(name) <= keep else name[:keep] + "…"
+
+
+def fit_name(stem: str, tail: str, limit: int) -> str:
+    """``stem + tail``, the stem cut (at a character boundary) so the name fits ``limit`` bytes."""
+    raw, room = os.fsencode(stem), max(limit - len(os.fsencode(tail)), 1)
+    cut = raw[:room].decode("utf-8", "ignore") if len(raw) > room else stem
+    return (cut or "lora") + tail
+
+
+def target_path(folder_name: str, name: str, overwrite: bool, what: str = "file name") -> str:
+    """A file path in a registered folder for a user-given name, checked so that saving there will work.
+
+    Refuses separators and other bad characters, names too long for the file system (before any
+    computing: a long training must not end in "file name too long"), a folder that refuses the
+    temporary file a save writes first, and clobbering an existing file (or link) unless ``overwrite``.
+    """
+    file = check_lora_name(name, what)
+    base = folder(folder_name)
+    size, limit = len(os.fsencode(file)), name_limit(base)
+    if size > limit:
+        raise I2VEditError(
+            f"the {what} {short(name)!r} is too long: as a file ({short(file)!r}) it takes {size} bytes, and a "
+            f"file saved in {base} can take at most {limit} (the file system's limit less room for the "
+            f"temporary file a save writes first). Shorten it by at least {size - limit} bytes."
+        )
+    path = os.path.join(base, file)
+    if os.path.lexists(path) and not overwrite:
         raise I2VEditError(f"{path} exists; choose another name or switch on overwrite.")
+    try:  # the save's own first step, tried now: the folder and the file system accept this name
+        fd, probe = tempfile.mkstemp(prefix=f".{file}.", suffix=".tmp", dir=base)
+    except OSError as e:
+        raise I2VEditError(
+            f"cannot save {short(file)!r} in {base} ({type(e).__name__}: {e.strerror or e}); choose another "
+            "name, or make the folder writable."
+        ) from e
+    os.close(fd)
+    os.remove(probe)
     return path
 
 
@@ -109,11 +158,39 @@ def host_of(model: Any, clip_vision: Any = None, vae: Any = None) -> ComfySVDHos
 
 
 def check_frames(frames: torch.Tensor, what: str = "frames") -> torch.Tensor:
-    if frames.ndim != 4 or frames.shape[-1] < 3:
+    """An IMAGE batch with at least one frame of at least one pixel, every value finite; RGB only."""
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] < 3:
+        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise I2VEditError(f"{what} must be an IMAGE batch (frames, height, width, 3), got {shape}.")
+    n, h, w = frames.shape[:3]
+    if n == 0:
         raise I2VEditError(
-            f"{what} must be an IMAGE batch (frames, height, width, 3), got {tuple(frames.shape)}."
+            f"{what} is an empty IMAGE batch (0 frames); connect an image or video with at least one frame "
+            "(an upstream load, select or batch node may have picked nothing)."
+        )
+    if h == 0 or w == 0:
+        raise I2VEditError(
+            f"{what} has frames of {h}×{w} pixels, which hold no image; connect a real image (an upstream "
+            "crop or resize may have produced an empty one)."
+        )
+    bad = nonfinite_frames(frames[..., :3])
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise I2VEditError(
+            f"{what}: {len(bad)} of {n} frames hold NaN or infinite values (frame index {shown}); the node "
+            "that made them failed (for example a VAE decode that overflowed in fp16). Fix or re-run that node; "
+            "nothing was computed here."
         )
     return frames[..., :3]
+
+
+def nonfinite_frames(frames: torch.Tensor) -> list[int]:
+    """Indices of the frames holding NaN or ±inf (one reduction per frame, no full-size temporary)."""
+    if not frames.is_floating_point():
+        return []
+    sums = frames.float().sum(dim=tuple(range(1, frames.ndim)))
+    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()  # a finite frame can overflow the sum
+    return [i for i in suspects if not bool(torch.isfinite(frames[i]).all())]
 
 
 def checkpoint_inputs(model_tooltip: str) -> list[io.Input]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import folder_paths
@@ -9,10 +10,12 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..i2vedit import clips as C
+from ..i2vedit import pipeline as P
 from ..i2vedit.control import PRESETS, MatchConfig
 from ..i2vedit.errors import I2VEditError
 from ..i2vedit.hosts.base import LATENT_SCALE
 from ..i2vedit.lora_file import check_lora_name
+from ..i2vedit.lora_train import training_size
 from ..i2vedit.matched import EditKV, MatchedClip, SourceKV
 from ..i2vedit.pipeline import EditSettings, edit_frames, video_clip_ranges
 from ..i2vedit.stages import SEED_CONDITION, denoise_time_ids, edit_conditioning, generator
@@ -34,7 +37,7 @@ from .common import (
     checkpoint_inputs,
     host_of,
 )
-from .lora_nodes import check_lora
+from .lora_nodes import check_lora, check_lora_not_applied
 
 PRESET_NAMES = [*PRESETS, "off"]
 PRESET_TOOLTIP = (
@@ -43,6 +46,66 @@ PRESET_TOOLTIP = (
     "that change shapes; off = plain denoising from the inversion."
 )
 FPS_TOOLTIP = "The clip's frame rate (SVD's fps conditioning is this minus one)."
+
+
+def pipeline_training_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The LoRA training size ``edit_video`` picks for generation size ``size`` (h, w) without a set one."""
+    rule = getattr(P, "training_size", training_size)  # the name edit_video calls, if it still has it
+    train = rule(*size)
+    return tuple(size) if train[0] * train[1] > size[0] * size[1] else tuple(train)
+
+
+def train_res_inversion_runs(
+    clips: int, lora_steps: int, size: tuple[int, int], train_size: tuple[int, int], skip_interval: bool
+) -> bool:
+    """Whether ``edit_video`` inverts the first clip again at training size (stage ``invert_train_res``).
+
+    It does when later clips train their LoRA on the first clip's K/V and training runs at another size.
+    """
+    return clips > 1 and skip_interval and lora_steps > 0 and tuple(train_size) != tuple(size)
+
+
+def clip_step_counts(
+    clips: int, steps: int, edits: int, lora_steps: int, train_res_inversion: bool
+) -> list[int]:
+    """Model steps the all-in-one node runs per clip, from scratch: the progress bar's shares.
+
+    Each clip: inversion (``steps``), LoRA training (``lora_steps``), one denoising per edit (``steps``
+    each). The first clip's inversion at training size (``steps``) runs while clip 1 is being prepared,
+    so it counts for clip 1.
+    """
+    counts = [steps + lora_steps + edits * steps for _ in range(clips)]
+    if train_res_inversion and clips > 1:
+        counts[1] += steps
+    return counts
+
+
+class VideoProgress(StepProgress):
+    """The all-in-one node's bar: one tick per model step, ending at exactly 100%.
+
+    Steps that do not run (clips restored from the reuse folder, training resumed from a checkpoint)
+    are credited when the next clip starts and at the end; the bar never goes past its total.
+    """
+
+    def __init__(self, clip_steps: list[int], preview_model=None) -> None:
+        super().__init__(sum(clip_steps), preview_model)
+        self.starts = list(itertools.accumulate(clip_steps, initial=0))  # steps before each clip
+        self.clip = 0
+
+    def stage(self, event: dict) -> None:
+        """``edit_video``'s stage report: on reaching a later clip, credit the earlier clips in full."""
+        clip = int(event.get("clip", 0))
+        if clip > self.clip:
+            self.clip = clip
+            self._raise_to(self.starts[min(clip, len(self.starts) - 1)])
+
+    def finish(self) -> None:
+        self._raise_to(self.total)
+
+    def _raise_to(self, value: int) -> None:
+        if value > self.done:
+            self.done = value
+            self.bar.update_absolute(min(value, self.total), self.total)
 
 
 class SkipIntervalKVCache(io.ComfyNode):
@@ -167,21 +230,8 @@ class AttentionMatchSampler(io.ComfyNode):
         inversion = check_inversion(inversion)
         base, inv, clip_index = inversion.host, inversion.inversion, inversion.clip_index
         host = host_of(model, base.clip_vision, base.vae)
-        if lora is not None:
-            weights = check_lora(lora)
-            if weights.model_fingerprint not in (None, inv.fingerprint):
-                raise I2VEditError(
-                    f"this motion LoRA was trained on another model ({weights.model_fingerprint}) than the one that "
-                    f"inverted the clip ({inv.fingerprint}); train it on this SVD checkpoint."
-                )
-            if weights.clip_index not in (None, clip_index):
-                raise I2VEditError(
-                    f"this motion LoRA was trained on clip {weights.clip_index}, the inversion is of clip "
-                    f"{clip_index}; each clip needs its own LoRA."
-                )
-            host = host.with_lora(weights)
         height, width = inv.latent_hw[0] * 8, inv.latent_hw[1] * 8
-        prev = None
+        prev, edited = None, None
         if previous_clip is not None:
             if not isinstance(previous_clip, EditState):
                 raise I2VEditError("previous_clip must come from another 'Attention Match Sampler'.")
@@ -199,6 +249,20 @@ class AttentionMatchSampler(io.ComfyNode):
                     f"the edited first frame is {edited.shape[1]}×{edited.shape[2]}, the clip {height}×{width}; "
                     "pass both through 'Fit Frames (I2VEdit)'."
                 )
+        if lora is not None:
+            weights = check_lora(lora)
+            if weights.model_fingerprint not in (None, inv.fingerprint):
+                raise I2VEditError(
+                    f"this motion LoRA was trained on another model ({weights.model_fingerprint}) than the one that "
+                    f"inverted the clip ({inv.fingerprint}); train it on this SVD checkpoint."
+                )
+            if weights.clip_index not in (None, clip_index):
+                raise I2VEditError(
+                    f"this motion LoRA was trained on clip {weights.clip_index}, the inversion is of clip "
+                    f"{clip_index}; each clip needs its own LoRA."
+                )
+            check_lora_not_applied(host.patcher, base.patcher, weights)
+            host = host.with_lora(weights)
         kv_state = check_kv(skip_interval_kv, need_edit=True)
         kv = kv_state.edit if kv_state is not None else None
         config = None if preset == "off" else MatchConfig.preset(preset)
@@ -318,10 +382,13 @@ class EditVideo(io.ComfyNode):
             reuse = os.path.join(folder_paths.get_output_directory(), "i2vedit_runs", name)
         n = frames.shape[0]
         clips = len(video_clip_ranges(n, settings))
-        progress = StepProgress(clips * (steps * (1 + edits.shape[0]) + lora_steps), model)
         size = C.fit_size(frames.shape[1], frames.shape[2], max_side)
+        train_res = train_res_inversion_runs(clips, lora_steps, size, pipeline_training_size(size), True)
+        progress = VideoProgress(clip_step_counts(clips, steps, edits.shape[0], lora_steps, train_res), model)
         result = edit_frames(host, frames, fps, [edits[i : i + 1] for i in range(edits.shape[0])], settings,
-                             size=size, resize_mode=resize_mode, reuse_dir=reuse, step_callback=progress.step)  # fmt: skip
+                             size=size, resize_mode=resize_mode, reuse_dir=reuse, step_callback=progress.step,
+                             progress=progress.stage)  # fmt: skip
+        progress.finish()
         seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.report["seconds"].items())
         text = f"{result.report['clips']} clips of {n} frames at {size[1]}×{size[0]}: {seconds}"
         return io.NodeOutput(

@@ -6,13 +6,15 @@ import logging
 import os
 import tempfile
 import time
+from typing import Any
 
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
 from ..i2vedit.hosts.base import LATENT_SCALE
-from ..i2vedit.hosts.comfy_lora import comfy_lora_model
+from ..i2vedit.hosts.comfy_lora import PREFIX, comfy_lora_model
 from ..i2vedit.lora_file import LoRAWeights, load_lora, save_lora
 from ..i2vedit.lora_targets import TARGET_SETS
 from ..i2vedit.lora_train import LoRATrainingError, TrainConfig
@@ -27,23 +29,102 @@ from .common import (
     StepProgress,
     check_inversion,
     check_kv,
+    fit_name,
     folder,
+    name_limit,
     stop_run,
     target_path,
 )
 
 log = logging.getLogger("i2vedit")
 
+# Attachment on Train Motion LoRA's MODEL output: says where its motion LoRA came from (for messages).
+TRAINED_LORA_MARK = "i2vedit_trained_motion_lora"
+NOWHERE = "nowhere (both the LoRA folder and the temp folder refused it)"
+
 
 def _rescue(weights: LoRAWeights, stem: str, why: str) -> str:
-    """Save a LoRA that would otherwise be lost (interrupt, failed step): LoRA folder, else temp."""
-    name = f"{stem}_{why}_step{weights.steps or 0}_{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
-    for base in (folder(LORA_FOLDER), tempfile.gettempdir()):
+    """Save a LoRA that would otherwise be lost (interrupt, failed step or save): LoRA folder, else temp.
+
+    The name is ``<stem>_<why>_step<N>_<time>.safetensors``, the stem shortened to fit the file system.
+    Never raises: whatever goes wrong in one folder, the next is tried.
+    """
+    tail = f"_{why}_step{weights.steps or 0}_{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+    for where in (lambda: folder(LORA_FOLDER), tempfile.gettempdir):
+        base = "?"
         try:
-            return str(save_lora(os.path.join(base, name), weights))
-        except (OSError, I2VEditError) as e:
-            log.warning("could not keep the LoRA in %s: %s", base, e)
-    return "nowhere (both the LoRA folder and the temp folder refused it)"
+            base = where()
+            return str(save_lora(os.path.join(base, fit_name(stem, tail, name_limit(base))), weights))
+        except Exception as e:  # any failure here: try the next folder, the LoRA must not be lost
+            log.warning("could not keep the LoRA in %s: %s: %s", base, type(e).__name__, e)
+    return NOWHERE
+
+
+def _lora_tensors(patch: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up, down) of a ComfyUI LoRA weight patch; None for any other kind of patch."""
+    adapter = patch[1]
+    weights = getattr(adapter, "weights", None)  # comfy.weight_adapter.LoRAAdapter
+    if weights is None and isinstance(adapter, tuple) and len(adapter) == 2 and adapter[0] == "lora":
+        weights = adapter[1]  # the tuple form of older ComfyUI versions
+    if (
+        isinstance(weights, tuple)
+        and len(weights) >= 2
+        and all(isinstance(t, torch.Tensor) for t in weights[:2])
+    ):
+        return weights[0], weights[1]
+    return None
+
+
+def _equal(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    return tuple(t.shape) == tuple(ref.shape) and torch.equal(
+        t.detach().to("cpu", torch.float32), ref.detach().to("cpu", torch.float32)
+    )
+
+
+def check_lora_not_applied(model: Any, base: Any, weights: LoRAWeights) -> None:
+    """Refuse to apply ``weights`` to a MODEL that already carries a LoRA on its layers.
+
+    ``model`` is the MODEL connected next to the ``lora`` input, ``base`` the one the inversion was
+    made with. Train Motion LoRA's MODEL output and stock LoraLoaderModelOnly both leave ComfyUI
+    weight patches on the target layers (``diffusion_model.<layer>.weight``): patches (or weight
+    wrappers) that ``base`` does not have mean a LoRA was applied since, and a patch holding exactly
+    these tensors means this very LoRA is there already (even when ``base`` carries it too).
+    """
+    same = added = 0
+    for name, pair in weights.modules.items():
+        key = f"{PREFIX}{name}.weight"
+        patches, own = model.patches.get(key, []), base.patches.get(key, [])
+        wrappers, own_wrappers = (
+            model.weight_wrapper_patches.get(key, []),
+            base.weight_wrapper_patches.get(key, []),
+        )
+        if any(all(p is not q for q in own) for p in patches) or any(
+            all(w is not q for q in own_wrappers) for w in wrappers
+        ):
+            added += 1
+        for patch in patches:
+            pair_in = _lora_tensors(patch)
+            if pair_in is not None and _equal(pair_in[0], pair.up) and _equal(pair_in[1], pair.down):
+                same += 1
+                break
+    if not (same or added):
+        return
+    mark = model.get_attachment(TRAINED_LORA_MARK) if hasattr(model, "get_attachment") else None
+    source = (
+        f"it is the MODEL output of 'Train Motion LoRA' (clip {mark['clip_index']})"
+        if isinstance(mark, dict)
+        else "for example through LoraLoaderModelOnly"
+    )
+    fix = "Connect the base MODEL (the one the inversion was made with) to 'model', or disconnect 'lora'."
+    if same:
+        raise I2VEditError(
+            f"the MODEL already carries this motion LoRA ({source}); connected to 'lora' as well it would be "
+            f"applied twice. {fix}"
+        )
+    raise I2VEditError(
+        f"the MODEL already carries a LoRA on {added} of the {len(weights.modules)} layers this motion LoRA "
+        f"changes ({source}); with 'lora' as well, two motion LoRAs would be stacked. {fix}"
+    )
 
 
 def check_lora(lora) -> LoRAWeights:
@@ -128,7 +209,7 @@ class TrainMotionLoRA(io.ComfyNode):
         kv_state = check_kv(skip_interval_kv)
         kv = kv_state.source if kv_state is not None else None
         inv, host, clip_index = inversion.inversion, inversion.host, inversion.clip_index
-        save_path = target_path(LORA_FOLDER, save_name, overwrite=False) if save_name.strip() else None
+        save_path = target_path(LORA_FOLDER, save_name, False, "save_name") if save_name.strip() else None
         config = TrainConfig(rank=rank, steps=steps, lr=learning_rate, dropout=dropout, target_set=target_set,
                              seed=derived_seed(seed, clip_index, SEED_TRAIN) % 2**31).validate()  # fmt: skip
         progress = StepProgress(steps)
@@ -158,11 +239,17 @@ class TrainMotionLoRA(io.ComfyNode):
         if save_path is not None:
             try:
                 text += f"; saved {save_lora(save_path, weights)}"
-            except I2VEditError as e:
-                raise I2VEditError(
-                    f"{e} The trained LoRA is kept as {_rescue(weights, stem, 'unsaved')}."
-                ) from e
+            except Exception as e:  # any failure (OSError, PermissionError, ...): keep the trained LoRA
+                where = _rescue(weights, stem, "unsaved")
+                what = str(e) if isinstance(e, I2VEditError) else f"{type(e).__name__}: {e}"
+                kept = (
+                    f"It is kept as {where} instead (Load Motion LoRA lists the files in models/loras/i2vedit)."
+                    if where != NOWHERE
+                    else "Keeping it elsewhere failed too (see the log); free disk space and train again."
+                )
+                raise I2VEditError(f"could not save the trained LoRA as {save_path} ({what}). {kept}") from e
         model = comfy_lora_model(host.patcher, weights)
+        model.set_attachments(TRAINED_LORA_MARK, {"clip_index": clip_index, "steps": result.steps_done})
         return io.NodeOutput(weights, model, ui=ui.PreviewText(text))
 
 
@@ -187,7 +274,7 @@ class SaveMotionLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora, name: str, overwrite: bool) -> io.NodeOutput:
         weights = check_lora(lora)
-        path = save_lora(target_path(LORA_FOLDER, name, overwrite), weights)
+        path = save_lora(target_path(LORA_FOLDER, name, overwrite, "name"), weights)
         return io.NodeOutput(weights, ui=ui.PreviewText(f"saved {path}"))
 
 

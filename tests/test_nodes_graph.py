@@ -6,6 +6,11 @@ chained over two clips with skip-interval K/V) gives exactly the all-in-one pipe
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import os
+import re
+
 import pytest
 import torch
 from conftest import sharpen_self_attention
@@ -85,16 +90,6 @@ def test_single_stage_nodes_equal_the_pipeline_over_two_clips(pack, tiny, video)
     assert (got - frames).abs().mean() > 1e-3  # an edit really happened
 
 
-def test_all_in_one_node_equals_the_pipeline_and_restores_size(pack, tiny, video):
-    frames, edited = video
-    wide = torch.nn.functional.interpolate(frames.movedim(-1, 1), size=(64, 96)).movedim(1, -1)
-    out, mask, fps = run(pack, "I2VEditVideo", model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae,
-                         frames=wide[:4], fps=FPS, edited_first_frame=edited, clip_length=4, steps=2,
-                         preset="local", lora_steps=1, lora_rank=RANK, memory_mode="recompute", max_side=64,
-                         resize_mode="pad", max_cfg=2.0, seed=SEED)  # fmt: skip
-    assert out.shape == (4, 64, 96, 3) and mask.shape == (4, 64, 96) and fps == FPS
-
-
 def test_inversion_check_reports_psnr_of_a_plain_euler_reconstruction(pack, tiny, video):
     import comfy.k_diffusion.sampling as kd
 
@@ -163,15 +158,52 @@ def test_bad_inputs_are_refused_before_any_model_call(pack, tiny, video):
             frames=clip, steps=2, memory_mode="recompute", seed=0, clip_index=0)  # fmt: skip
 
 
-def test_lora_of_another_clip_or_model_is_refused(pack, tiny, video):
+@pytest.fixture(scope="module")
+def clip0(pack, tiny, video):
+    """The first clip inverted (2 steps) and its motion LoRA (1 step): (inversion, lora, LoRA'd MODEL)."""
+    inv0 = run(pack, "EDMInvertSVD", model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae,
+               frames=video[0][:4], steps=2, memory_mode="recompute", seed=0, clip_index=0)[0]  # fmt: skip
+    lora, lora_model = run(pack, "TrainMotionLoRA", inversion=inv0, steps=1, rank=4, learning_rate=5e-4,
+                           target_set="temporal", dropout=0.1, gradient_checkpointing=False, seed=0)  # fmt: skip
+    return inv0, lora, lora_model
+
+
+@contextlib.contextmanager
+def model_calls(host):
+    """Records every forward of the host's UNet, VAE encoder/decoder and CLIP vision (hooks on the real modules)."""
+    calls: list[str] = []
+    modules = [
+        host.patcher.model.diffusion_model,
+        *host.vae.first_stage_model.children(),
+        host.clip_vision.model,
+    ]
+    handles = [m.register_forward_pre_hook(lambda m, _: calls.append(type(m).__name__)) for m in modules]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def progress_hook(fn):
+    """ComfyUI's real global progress hook set to ``fn(value, total)`` (what the server's hook receives)."""
+    import comfy.utils
+
+    before = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, **_: fn(value, total))
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(before)
+
+
+def test_lora_of_another_clip_or_model_is_refused(pack, tiny, video, clip0):
     frames, edited = video
     clip = frames[:4]
-    inv0 = run(pack, "EDMInvertSVD", model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae, frames=clip,
-               steps=2, memory_mode="recompute", seed=0, clip_index=0)[0]  # fmt: skip
+    inv0, lora, _ = clip0
     inv1 = run(pack, "EDMInvertSVD", model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae, frames=clip,
                steps=2, memory_mode="recompute", seed=0, clip_index=1)[0]  # fmt: skip
-    lora = run(pack, "TrainMotionLoRA", inversion=inv0, steps=1, rank=4, learning_rate=5e-4, target_set="temporal",
-               dropout=0.1, gradient_checkpointing=False, seed=0)[0]  # fmt: skip
     kw = dict(
         model=tiny.patcher,
         preset="local",
@@ -203,3 +235,179 @@ def test_every_input_has_a_tooltip_and_every_node_one_category_root(pack):
         "SkipIntervalKVCache",
         "AttentionMatchSampler",
     } <= ids
+
+
+def test_a_lora_already_on_the_model_is_refused_before_any_model_call(pack, tiny, video, clip0):
+    """Train Motion LoRA's MODEL output, or stock LoraLoaderModelOnly with the saved file, plus the same 'lora'."""
+    from i2vedit.lora_file import LoRAPair
+
+    comfy_nodes = importlib.import_module("nodes")  # ComfyUI's nodes.py: COMFYUI_PATH comes first on sys.path
+    assert hasattr(comfy_nodes, "LoraLoaderModelOnly"), comfy_nodes.__file__
+
+    _, edited = video
+    inv0, lora, trained_model = clip0
+    run(pack, "I2VEditSaveMotionLoRA", lora=lora, name="applied_twice", overwrite=True)
+    stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(
+        tiny.patcher, "i2vedit/applied_twice.safetensors", 1.0
+    )[0]
+    other = type(lora)(**{**lora.__dict__, "modules": {k: LoRAPair(p.down, p.up + 0.01, p.alpha)
+                                                       for k, p in lora.modules.items()}})  # fmt: skip
+    kw = dict(
+        inversion=inv0, preset="local", min_cfg=1.0, max_cfg=2.0, fps=FPS, seed=0, edited_first_frame=edited
+    )
+    fix = re.escape(
+        "Connect the base MODEL (the one the inversion was made with) to 'model', or disconnect 'lora'."
+    )
+    with model_calls(tiny) as calls:
+        with pytest.raises(ValueError, match=re.escape(
+            "the MODEL already carries this motion LoRA (it is the MODEL output of 'Train Motion LoRA' (clip 0)); "
+            "connected to 'lora' as well it would be applied twice. ") + fix):  # fmt: skip
+            run(pack, "AttentionMatchSampler", model=trained_model, lora=lora, **kw)
+        with pytest.raises(ValueError, match=re.escape(
+            "the MODEL already carries this motion LoRA (for example through LoraLoaderModelOnly)")):  # fmt: skip
+            run(pack, "AttentionMatchSampler", model=stock, lora=lora, **kw)
+        with pytest.raises(ValueError, match=re.escape(
+            f"the MODEL already carries a LoRA on {len(lora.modules)} of the {len(lora.modules)} layers this "
+            "motion LoRA changes (for example through LoraLoaderModelOnly); with 'lora' as well, two motion "
+            "LoRAs would be stacked.")):  # fmt: skip
+            run(pack, "AttentionMatchSampler", model=stock, lora=other, **kw)
+    assert calls == []
+    # each alone is fine: the LoRA'd MODEL without 'lora' runs (and the counter does see model calls)
+    with model_calls(tiny) as calls:
+        run(pack, "AttentionMatchSampler", model=stock, **kw)
+    assert "UNetModel" in calls
+
+
+def test_all_in_one_progress_step_counts(pack):
+    clip_step_counts, train_res_inversion_runs = (
+        pack.edit_nodes.clip_step_counts,
+        pack.edit_nodes.train_res_inversion_runs,
+    )
+
+    assert clip_step_counts(3, 25, 2, 250, False) == [325, 325, 325]
+    assert clip_step_counts(2, 4, 1, 3, True) == [11, 15]  # the first clip's second inversion runs in clip 1
+    assert clip_step_counts(1, 4, 1, 0, False) == [8]
+    assert train_res_inversion_runs(2, 1, (64, 128), (64, 64), True)
+    assert not train_res_inversion_runs(1, 1, (64, 128), (64, 64), True)  # one clip: no later clip trains
+    assert not train_res_inversion_runs(2, 0, (64, 128), (64, 64), True)  # no LoRA
+    assert not train_res_inversion_runs(2, 1, (64, 128), (64, 128), True)  # trains at the generation size
+    assert not train_res_inversion_runs(2, 1, (64, 128), (64, 64), False)  # no skip-interval K/V
+
+
+def test_all_in_one_node_restores_size_and_its_progress_ends_at_exactly_100(pack, tiny, video, monkeypatch):
+    """Two clips of a 64×96 video made at 64×128, the LoRA trained at 64×64: every model step is one tick,
+    the first clip's inversion at training size included, and a run restored from the reuse folder ends at
+    100% too."""
+    from i2vedit.lora_train import training_size
+
+    pipeline = importlib.import_module("i2vedit_pack.i2vedit.pipeline")  # the pack's own core modules
+    # a training area of 64×64 (the paper's is 512×896) so that the tiny run trains at another size
+    monkeypatch.setattr(pipeline, "training_size", lambda h, w: training_size(h, w, area=64 * 64))
+    frames, edited = video
+    wide = torch.nn.functional.interpolate(frames[:3].movedim(-1, 1), size=(64, 96)).movedim(1, -1)
+    edit = torch.nn.functional.interpolate(edited.movedim(-1, 1), size=(64, 96)).movedim(1, -1)
+    node = next(n for n in pack.NODES if n.define_schema().node_id == "I2VEditVideo")
+    kw = dict(model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae, frames=wide, fps=FPS,
+              edited_first_frame=edit, clip_length=2, steps=2, preset="local", lora_steps=1, lora_rank=RANK,
+              memory_mode="recompute", max_side=128, resize_mode="pad", max_cfg=2.0, seed=SEED,
+              resume_name="progress_run")  # fmt: skip
+    total = 2 * (2 + 1 + 2) + 2  # 2 clips × (inversion, LoRA, denoising) + the training-size inversion
+    runs = []
+    for _ in range(2):  # from scratch, then everything restored from output/i2vedit_runs/progress_run
+        seen: list[tuple[int, int]] = []
+        with progress_hook(lambda value, bar_total, seen=seen: seen.append((value, bar_total))):
+            out = node.execute(**kw)
+        runs.append((out, [v for v, t in seen if t == total], {t for _, t in seen}))
+    (first, values, totals), (again, restored, _) = runs
+    video_out, mask, fps = first.result
+    assert video_out.shape == (3, 64, 96, 3) and mask.shape == (3, 64, 96) and fps == FPS
+    assert first.ui.value.startswith("2 clips of 3 frames at 128×64")
+    assert "invert_train_res" in first.ui.value  # the stage really ran
+    assert total in totals
+    assert values == list(range(1, total + 1))  # one tick per model step, 100% only after the last
+    assert restored and restored[-1] == total and restored == sorted(restored)  # nothing ran, still 100%
+    assert torch.equal(again.result[0], video_out)
+
+
+def test_a_too_long_save_name_is_refused_before_training(pack, tiny, clip0):
+    base = pack.common.folder(pack.common.LORA_FOLDER)
+    inv0 = clip0[0]
+    kw = dict(inversion=inv0, steps=1, rank=4, learning_rate=5e-4, target_set="temporal", dropout=0.1,
+              gradient_checkpointing=False, seed=0)  # fmt: skip
+    limit = pack.common.name_limit(base)
+    assert limit <= 255 - 14  # room for the '.<name>.XXXXXXXX.tmp' file the save writes first
+    with model_calls(tiny) as calls:
+        with pytest.raises(ValueError, match=rf"the save_name 'x{{40}}…' is too long: .* takes 312 bytes, .* at most "
+                           rf"{limit} .* Shorten it by at least {312 - limit} bytes\."):  # fmt: skip
+            run(pack, "TrainMotionLoRA", save_name="x" * 300, **kw)
+        over = "é" * ((limit - len(".safetensors")) // 2 + 1)  # few characters, too many bytes
+        with pytest.raises(ValueError, match="is too long"):
+            run(pack, "TrainMotionLoRA", save_name=over, **kw)
+    assert calls == []
+    longest = "y" * (limit - len(".safetensors"))
+    run(pack, "TrainMotionLoRA", save_name=longest, **kw)
+    assert os.path.isfile(os.path.join(base, longest + ".safetensors"))
+
+
+def test_a_failed_final_save_keeps_the_trained_lora(pack, tiny, clip0):
+    """Any error of the final save (here a real OSError, 'File name too long') falls back to the rescue."""
+    from i2vedit.lora_file import load_lora
+
+    base, name_limit = pack.common.folder(pack.common.LORA_FOLDER), pack.common.name_limit
+    stem = "w" * (name_limit(base) - len(".safetensors"))  # the longest name: the rescue name must shorten it
+    target = os.path.join(base, stem + ".safetensors")
+
+    def break_the_target(value, total):  # while training runs, the target becomes a link to a too-long path
+        if not os.path.lexists(target):
+            os.symlink("/" + "a" * 300 + ".safetensors", target)
+
+    try:
+        with progress_hook(break_the_target), pytest.raises(ValueError) as err:
+            run(pack, "TrainMotionLoRA", inversion=clip0[0], steps=1, rank=4, learning_rate=5e-4,
+                target_set="temporal", dropout=0.1, gradient_checkpointing=False, seed=0, save_name=stem)  # fmt: skip
+    finally:
+        if os.path.islink(target):
+            os.remove(target)
+    message = str(err.value)
+    assert message.startswith(f"could not save the trained LoRA as {target} (")  # today a bare OSError
+    assert "File name too long" in message
+    kept = re.search(r"It is kept as (\S+\.safetensors) instead \(Load Motion LoRA lists", message)[1]
+    assert os.path.dirname(kept) == os.path.realpath(base) and "_unsaved_step1_" in os.path.basename(kept)
+    assert len(os.fsencode(os.path.basename(kept))) <= name_limit(base)
+    assert load_lora(kept).steps == 1
+
+
+def test_empty_zero_size_or_non_finite_frames_are_refused_before_any_model_call(pack, tiny, video, clip0):
+    frames, edited = video
+    kw = dict(
+        model=tiny.patcher, inversion=clip0[0], preset="local", min_cfg=1.0, max_cfg=2.0, fps=FPS, seed=0
+    )
+    video_kw = dict(model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae, fps=FPS, clip_length=4, steps=2,
+                    preset="local", lora_steps=1, lora_rank=RANK, memory_mode="recompute", max_side=64,
+                    resize_mode="pad", max_cfg=2.0, seed=SEED)  # fmt: skip
+    nan_frames, inf_edit = frames[:4].clone(), edited.clone()
+    nan_frames[2, 10, 10, 0] = float("nan")
+    inf_edit[0, 3, 3, 2] = float("inf")
+    with model_calls(tiny) as calls:
+        with pytest.raises(
+            ValueError, match=re.escape("edited_first_frame is an empty IMAGE batch (0 frames)")
+        ):
+            run(pack, "AttentionMatchSampler", edited_first_frame=edited[:0], **kw)
+        with pytest.raises(
+            ValueError, match="edited_first_frame has frames of 0×0 pixels, which hold no image"
+        ):
+            run(pack, "AttentionMatchSampler", edited_first_frame=torch.zeros(1, 0, 0, 3), **kw)
+        with pytest.raises(ValueError, match="edited_first_frame has frames of 0×0 pixels"):
+            run(pack, "I2VEditFitFrames", frames=frames[:4], edited_first_frame=torch.zeros(1, 0, 0, 3),
+                max_side=64, width=0, height=0, mode="pad")  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(
+            "edited_first_frame: 1 of 1 frames hold NaN or infinite values (frame index 0)")):  # fmt: skip
+            run(pack, "AttentionMatchSampler", edited_first_frame=inf_edit, **kw)
+        with pytest.raises(ValueError, match=re.escape("frames: 1 of 4 frames hold NaN or infinite values (frame "
+                                                       "index 2); the node that made them failed")):  # fmt: skip
+            run(pack, "I2VEditVideo", frames=nan_frames, edited_first_frame=edited, **video_kw)
+        with pytest.raises(ValueError, match=re.escape("edited_first_frame: 1 of 1 frames hold NaN")):
+            run(pack, "I2VEditVideo", frames=frames[:4], edited_first_frame=inf_edit, **video_kw)
+        with pytest.raises(ValueError, match=re.escape("frames is an empty IMAGE batch (0 frames)")):
+            run(pack, "I2VEditVideo", frames=frames[:0], edited_first_frame=edited, **video_kw)
+    assert calls == []
