@@ -17,11 +17,9 @@ Loading uses safetensors only: a pickle (``torch.save``) file is refused without
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import LoRAError, LoRAFileError
-from .files import looks_pickled
+from .files import atomic_write, looks_pickled
 from .lora_targets import (
     BLOCK_LINEARS,
     TARGET_SETS,
@@ -410,27 +408,7 @@ def save_lora(
     # Private CPU copies: safetensors needs contiguous tensors that share no memory with each other.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.state_dict().items()}
 
-    try:
-        fd, tmp_name = tempfile.mkstemp(suffix=".tmp", prefix=f".{p.name}.", dir=p.parent)
-    except OSError as e:
-        raise LoRAFileError(
-            f"cannot write to folder {p.parent} ({e}); choose a folder you can write to."
-        ) from e
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=metadata)
-        with open(tmp_name, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_name, p)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp_name)
-        if isinstance(e, (OSError, SafetensorError)):
-            raise LoRAFileError(
-                f"could not write LoRA {p} ({type(e).__name__}: {e}); check free disk space and that the "
-                "folder is writable, then save again. Any previous file there is unchanged."
-            ) from e
-        raise
+    atomic_write(p, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "LoRA", error=LoRAFileError)
     return p
 
 

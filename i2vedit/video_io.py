@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from torch import Tensor
 
 from .clips import sample_frame_indices
 from .errors import I2VEditError, VideoReadError
+from .files import atomic_write
 
 _CONVERT_HINT = "convert it to mp4 (H.264), e.g. ffmpeg -i input -c:v libx264 -pix_fmt yuv420p output.mp4"
 
@@ -118,6 +117,35 @@ def iter_video_frames(
         cap.release()
 
 
+def _check_times(start_t: float, end_t: float, sample_fps: float) -> None:
+    """Refuse a time range or sample rate that is not a finite number in range, before opening the video."""
+    for name, value, hint in (
+        ("start time", start_t, "seconds from the start, 0 or more"),
+        ("end time", end_t, "seconds from the start, or -1 for the end of the video"),
+        ("sample fps", sample_fps, "frames per second above 0, or -1 for the video's own rate"),
+    ):
+        try:
+            finite = math.isfinite(value)
+        except TypeError:
+            finite = False
+        if not finite:
+            raise I2VEditError(f"{name} {value} is not a finite number; give {hint}.")
+    if start_t < 0:
+        raise I2VEditError(f"start time {start_t:g} s is negative; use a start time of 0 s or later.")
+    if end_t != -1 and end_t <= 0:
+        raise I2VEditError(
+            f"end time {end_t:g} s is not after 0 s; give a later end time, or -1 for the end."
+        )
+    if end_t != -1 and start_t >= end_t:
+        raise I2VEditError(
+            f"start time {start_t:g} s is not before end time {end_t:g} s; give a start time before the end time."
+        )
+    if sample_fps != -1 and sample_fps <= 0:
+        raise I2VEditError(
+            f"sample fps {sample_fps:g} is not positive; use a positive sample fps, or -1 for the video's own rate."
+        )
+
+
 def read_video(
     path: str | os.PathLike,
     start_t: float = 0.0,
@@ -130,12 +158,20 @@ def read_video(
     """Read a time range of a video as IMAGE frames (N, H, W, 3) and return them with their frame rate.
 
     ``end_t = -1`` reads to the end and ``sample_fps = -1`` keeps the native rate; ``size`` (h, w)
-    resizes while reading. Raises before decoding if the frames would take more than ``max_bytes``.
+    resizes while reading. Raises before decoding if the frames would take more than ``max_bytes``,
+    for a time or rate that is not a finite number in range, and for a sample fps above the video's
+    own rate (which would only repeat frames).
     """
     _check_size(size)
     if max_frames is not None and max_frames < 1:
         raise I2VEditError(f"max frames {max_frames} is below 1; use at least 1, or None for no limit.")
+    _check_times(start_t, end_t, sample_fps)
     info = probe_video(path)
+    if sample_fps != -1 and sample_fps > info.fps * (1 + 1e-6):
+        raise I2VEditError(
+            f"sample fps {sample_fps:g} is above the frame rate of {path} ({info.fps:g} fps), so frames would "
+            f"be repeated; use a sample fps of at most {info.fps:g}, or -1 for the video's own rate."
+        )
     indices = sample_frame_indices(info.num_frames, info.fps, start_t, end_t, sample_fps)
     if max_frames is not None:
         indices = indices[:max_frames]
@@ -165,7 +201,11 @@ def read_video(
 
 
 def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> None:
-    """Write IMAGE frames (F, H, W, 3) to an mp4 file (mp4v codec), replacing the file atomically."""
+    """Write IMAGE frames (F, H, W, 3) to an mp4 file (mp4v codec), replacing the file atomically.
+
+    The file is read back before it replaces ``path``: a write that fails (a full disk, where OpenCV
+    reports nothing) raises an ``I2VEditError`` and leaves any previous file intact.
+    """
     p = Path(path)
     if p.suffix.lower() != ".mp4":
         raise I2VEditError(
@@ -180,16 +220,10 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> None:
             f"frames have shape {tuple(frames.shape)}; give an IMAGE batch of shape (F, H, W, 3) with F >= 1."
         )
     height, width = int(frames.shape[1]), int(frames.shape[2])
+    count = int(frames.shape[0])
 
-    try:
-        fd, tmp_name = tempfile.mkstemp(suffix=".mp4", prefix=f".{p.stem}.", dir=p.parent)
-    except OSError as e:
-        raise I2VEditError(
-            f"cannot write to folder {p.parent} ({e}); choose a folder you can write to."
-        ) from e
-    os.close(fd)
-    try:
-        writer = cv2.VideoWriter(tmp_name, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+    def write(tmp: Path) -> None:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
         if not writer.isOpened():
             raise I2VEditError(
                 f"OpenCV could not open an mp4v writer for {p} ({width}×{height} at {fps:g} fps); "
@@ -203,10 +237,25 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> None:
                 writer.write(cv2.cvtColor(rgb.numpy(), cv2.COLOR_RGB2BGR))
         finally:
             writer.release()
-        if os.path.getsize(tmp_name) == 0:
-            raise I2VEditError(f"OpenCV wrote an empty file for {p}; check free disk space and try again.")
-        os.replace(tmp_name, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp_name)
-        raise
+        _check_written(tmp, count, p)
+
+    atomic_write(p, write, "video")
+
+
+def _check_written(tmp: Path, expected: int, target: Path) -> None:
+    """OpenCV's writer fails silently (a full disk, a file size limit): read the file back and count."""
+    size = tmp.stat().st_size
+    decoded = 0
+    if size > 0:
+        cap = cv2.VideoCapture(str(tmp))
+        try:
+            while cap.isOpened() and decoded <= expected and cap.grab():
+                decoded += 1
+        finally:
+            cap.release()
+    if decoded != expected:
+        raise I2VEditError(
+            f"could not write video {target}: OpenCV wrote {size} bytes holding {decoded} of {expected} frames "
+            "(a full disk or a file size limit?); free disk space or choose another folder, then run again. "
+            "Any previous file there is unchanged."
+        )

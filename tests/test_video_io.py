@@ -1,5 +1,9 @@
 import math
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -103,12 +107,33 @@ def test_read_time_range(video, decoded):
     assert torch.equal(out, decoded[2:8])
 
 
-def test_read_above_native_fps_repeats_frames(video, decoded):
+def test_read_above_native_fps_is_refused_with_the_videos_rate(video):
     path, _ = video
-    out, fps = read_video(path, sample_fps=20.0)
-    assert fps == 20.0
-    assert out.shape[0] == 24
-    assert torch.equal(out, decoded.repeat_interleave(2, dim=0))
+    # It used to repeat every frame (20 fps from a 10 fps video: each frame twice), silently.
+    with pytest.raises(I2VEditError, match=r"sample fps 20 is above the frame rate .*\(10 fps\).*at most 10"):
+        read_video(path, sample_fps=20.0)
+    out, fps = read_video(path, sample_fps=FPS)  # the video's own rate is fine
+    assert (out.shape[0], fps) == (F, FPS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"start_t": math.nan}, "start time nan is not a finite number"),
+        ({"end_t": math.nan}, "end time nan is not a finite number"),
+        ({"end_t": math.inf}, "end time inf is not a finite number"),
+        ({"sample_fps": math.inf}, "sample fps inf is not a finite number"),
+        ({"sample_fps": math.nan}, "sample fps nan is not a finite number"),
+        ({"start_t": -0.5}, "start time -0.5 s is negative"),
+        ({"start_t": 0.6, "end_t": 0.3}, "start time 0.6 s is not before end time 0.3 s"),
+        ({"start_t": 0.5, "end_t": 0.5}, "start time 0.5 s is not before end time 0.5 s"),
+        ({"sample_fps": 0.0}, "sample fps 0 is not positive"),
+    ],
+)
+def test_read_refuses_times_and_rates_that_are_not_finite_or_in_range(video, kwargs, fragment):
+    path, _ = video
+    with pytest.raises(I2VEditError, match=re.escape(fragment)):
+        read_video(path, **kwargs)
 
 
 def test_read_max_frames_keeps_first_sampled_frames(video, decoded):
@@ -244,14 +269,13 @@ def test_write_rejects_bad_input(tmp_path, frames, fps, name, fragment):
     assert os.listdir(tmp_path) == []
 
 
-def test_write_into_unwritable_folder_fails_clearly(tmp_path, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    # Patched rather than chmod-ed: root ignores folder permissions.
-    monkeypatch.setattr(video_io.tempfile, "mkstemp", refuse)
-    with pytest.raises(I2VEditError, match=r"cannot write to folder .*choose a folder you can write to"):
-        write_video(tmp_path / "out.mp4", moving_gradient(2), FPS)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc refuses new files on Linux only")
+def test_write_into_unwritable_folder_fails_clearly():
+    # /proc refuses new files even to root, where a chmod-ed folder would not.
+    with pytest.raises(
+        I2VEditError, match=r"cannot write to folder /proc .*choose a folder you can write to"
+    ):
+        write_video("/proc/i2vedit-out.mp4", moving_gradient(2), FPS)
 
 
 def test_writer_that_cannot_open_fails_clearly_and_cleans_up(tmp_path, monkeypatch):
@@ -289,3 +313,42 @@ def test_write_clamps_out_of_range_values(tmp_path):
     out, _ = read_video(path)
     assert out[:, 8:-8, 8 : W // 2 - 8].max() < 0.05
     assert out[:, 8:-8, W // 2 + 8 : -8].min() > 0.95
+
+
+_FULL_DISK = """
+import resource, signal, sys
+import torch
+from i2vedit.errors import I2VEditError
+from i2vedit.video_io import write_video
+
+limit = int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+frames = torch.rand(8, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+try:
+    write_video(sys.argv[1], frames, 8.0)
+except I2VEditError as e:
+    print("ERROR", e)
+else:
+    print("OK")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as a stand-in for a full disk")
+def test_a_full_disk_while_writing_fails_loudly_and_keeps_the_previous_video(tmp_path):
+    path = tmp_path / "edited.mp4"
+    write_video(path, moving_gradient(4), FPS)
+    before = path.read_bytes()
+    limit = 8_000  # the new video (8 random 64×64 frames) needs more than three times this
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(path), str(limit)],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("ERROR could not write video"), run.stdout  # OpenCV itself says nothing
+    assert "of 8 frames" in run.stdout and "free disk space" in run.stdout
+    assert "previous file there is unchanged" in run.stdout
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["edited.mp4"]
+    assert probe_video(path).num_frames == 4
