@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
-import resource
+import math
+import os
 import shutil
 import sys
 import time
@@ -14,15 +16,37 @@ from typing import Any
 import torch
 
 from .control import PRESETS, MatchConfig
-from .errors import I2VEditError
-from .files import writable_folder
+from .errors import I2VEditError, ModelFileError
+from .files import atomic_write, writable_folder, write_text_atomic
 
 DEMO_SIZE = (128, 192)
 DEMO_FRAMES = 10
+SVD_NATIVE_SIZE = (576, 1024)
+MAX_SIDE = 2048  # each side of --size; SVD was trained at 576×1024
+MAX_CLIP_PIXELS = 14 * 1152 * 2048  # frames per clip × height × width: SVD's 14 frames at twice its size
+MAX_VIDEO_BYTES = 8 * 2**30  # the whole video at the generation size, float32 RGB
+MAX_NAME_BYTES = 200  # output file names are cut to this (plus a number and .mp4) to stay under 255
+INTERRUPTED = 130  # exit code after Ctrl-C, as shells use
 
 
-def _peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+def peak_memory_bytes() -> int | None:
+    """This process's peak resident memory in bytes, or None where the OS does not say.
+
+    ``ru_maxrss`` is KiB on Linux and bytes on macOS; Windows has no ``resource`` module and uses
+    psutil's peak working set when psutil is installed.
+    """
+    if sys.platform == "win32":
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return int(psutil.Process().memory_info().peak_wset)
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def demo_video(
@@ -67,9 +91,13 @@ def comparison_image(
 def _save_png(path: Path, image: torch.Tensor) -> None:
     import cv2
 
-    rgb = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise I2VEditError(f"could not write {path}; check the folder is writable.")
+    bgr = cv2.cvtColor((image.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), cv2.COLOR_RGB2BGR)
+
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), bgr):
+            raise OSError(f"OpenCV could not write the PNG {tmp.name}")
+
+    atomic_write(path, write, "image")
 
 
 def _export_loras(reuse: Path, out: Path) -> list[str]:
@@ -78,7 +106,7 @@ def _export_loras(reuse: Path, out: Path) -> list[str]:
         lora = clip_dir / "lora.safetensors"
         if lora.is_file():
             target = out / f"motion_lora_{clip_dir.name}.safetensors"
-            shutil.copyfile(lora, target)
+            atomic_write(target, lambda tmp, src=lora: shutil.copyfile(src, tmp), "LoRA")
             names.append(target.name)
     return names
 
@@ -119,13 +147,65 @@ def run_demo(out: str | Path, progress: bool = True) -> dict[str, Any]:
         "seconds_per_stage": result.report["seconds"],
         "stage_calls": result.report["calls"],
         "seconds_total": time.perf_counter() - t0,
-        "peak_memory_bytes": _peak_rss_bytes(),
+        "peak_memory_bytes": peak_memory_bytes(),
         "stored_bytes": result.report["stored_bytes"],
         "loras": loras,
         "outputs": ["source.mp4", "edited.mp4", "comparison.png", "report.json"],
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2), "report")
     return report
+
+
+_DOWNLOAD_HINT = (
+    "the folder looks damaged or incomplete (an interrupted download or copy?): download it again, e.g. "
+    "huggingface-cli download stabilityai/stable-video-diffusion-img2vid --local-dir DIR, or point --model "
+    "at another SVD folder or at svd.safetensors"
+)
+# subfolder: (what it holds, the config field naming its class, the classes SVD uses, weight file names)
+_DIFFUSERS_PARTS = {
+    "unet": ("UNet", "_class_name", ("UNetSpatioTemporalConditionModel",), "diffusion_pytorch_model"),
+    "vae": ("VAE", "_class_name", ("AutoencoderKLTemporalDecoder",), "diffusion_pytorch_model"),
+    "image_encoder": ("image encoder", "architectures", ("CLIPVisionModelWithProjection",), "model"),
+}
+
+
+def _check_diffusers_folder(p: Path) -> None:
+    """Read each part's config and weight header (no weights): a damaged or foreign folder is named now,
+    not as a traceback once the video has been read."""
+    from safetensors import SafetensorError, safe_open
+
+    for sub, (what, field, classes, weights) in _DIFFUSERS_PARTS.items():
+        config = p / sub / "config.json"
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelFileError(f"{config} is missing; {_DOWNLOAD_HINT}.") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ModelFileError(f"{config} is not a readable JSON config ({e}); {_DOWNLOAD_HINT}.") from None
+        if not isinstance(cfg, dict):
+            raise ModelFileError(f"{config} is not a JSON object; {_DOWNLOAD_HINT}.")
+        found = cfg.get(field)
+        names = found if isinstance(found, list) else [found]
+        if found is not None and not any(n in classes for n in names):
+            raise ModelFileError(
+                f"{p / sub} holds a {', '.join(map(str, names))}, not SVD's {classes[0]}: {p} is not a Stable "
+                "Video Diffusion img2vid folder. Point --model at an SVD folder (unet/, vae/, image_encoder/ "
+                "as stabilityai/stable-video-diffusion-img2vid has them) or at svd.safetensors."
+            )
+        single, index = p / sub / f"{weights}.safetensors", p / sub / f"{weights}.safetensors.index.json"
+        if index.is_file() and not single.is_file():
+            continue  # sharded: checked when loading
+        if not single.is_file():
+            others = sorted(f.name for f in (p / sub).glob("*.safetensors"))
+            held = f" (it holds {', '.join(others)}; full-precision files are needed)" if others else ""
+            raise ModelFileError(f"{single} is missing{held}; {_DOWNLOAD_HINT}.")
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                f.keys()
+        except (OSError, SafetensorError) as e:
+            raise ModelFileError(
+                f"the {what} weights {single} cannot be read ({e}); {_DOWNLOAD_HINT}."
+            ) from None
 
 
 def check_model_path(model: str | Path) -> Path:
@@ -141,12 +221,18 @@ def check_model_path(model: str | Path) -> Path:
         from .hosts.single_file import check_single_file
 
         return check_single_file(p)
+    if not p.exists():
+        raise I2VEditError(
+            f"no model at {p}; check the path. Give a diffusers SVD folder (unet/, vae/, image_encoder/) or "
+            "a single-file svd.safetensors / svd_xt.safetensors."
+        )
     missing = [s for s in ("unet", "vae", "image_encoder") if not (p / s).is_dir()]
     if missing:
         raise I2VEditError(
             f"{p} is not a diffusers SVD folder: it lacks {', '.join(missing)}/. Give such a folder or a "
             "single-file svd.safetensors / svd_xt.safetensors."
         )
+    _check_diffusers_folder(p)
     return p
 
 
@@ -159,57 +245,237 @@ def load_diffusers_host(model: str | Path, dtype: torch.dtype = torch.float32):
 
         return load_single_file(p, dtype=dtype)
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from safetensors import SafetensorError
     from transformers import CLIPVisionModelWithProjection
 
     from .hosts.diffusers_host import DiffusersSVDHost
 
     kw = {"local_files_only": True, "use_safetensors": True}
-    unet = UNetSpatioTemporalConditionModel.from_pretrained(p, subfolder="unet", **kw)
-    vae = AutoencoderKLTemporalDecoder.from_pretrained(p, subfolder="vae", **kw)
-    clip = CLIPVisionModelWithProjection.from_pretrained(p, subfolder="image_encoder", **kw)
+    parts = {}
+    for sub, cls in (
+        ("unet", UNetSpatioTemporalConditionModel),
+        ("vae", AutoencoderKLTemporalDecoder),
+        ("image_encoder", CLIPVisionModelWithProjection),
+    ):
+        try:
+            parts[sub] = cls.from_pretrained(p, subfolder=sub, **kw)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:
+            reason = (str(e).strip().splitlines() or [""])[0].split(" If you want", 1)[0][:300]
+            raise ModelFileError(
+                f"could not load the {_DIFFUSERS_PARTS[sub][0]} from {p / sub} ({type(e).__name__}: {reason}); "
+                f"{_DOWNLOAD_HINT}."
+            ) from e
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet, vae, clip = parts["unet"], parts["vae"], parts["image_encoder"]
     return DiffusersSVDHost(unet.to(device, dtype), vae.to(device), clip.to(device), dtype=dtype)
 
 
-def _read_image(path: str) -> torch.Tensor:
-    import cv2
+def _stat(path: str, what: str) -> os.stat_result | None:
+    """``os.stat`` of a path given on the command line, None when nothing is there."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            longest = max(len(part) for part in Path(path).parts)
+            raise I2VEditError(
+                f"cannot read the {what} {path}: a name in it is {longest} characters, longer than the "
+                "filesystem allows (usually 255 bytes); check the path or rename the file."
+            ) from None
+        raise I2VEditError(
+            f"cannot read the {what} {path} ({e}); check the path and its permissions."
+        ) from None
 
+
+def _check_input_file(path: str, what: str, give: str) -> None:
+    import stat
+
+    st = _stat(path, what)
+    if st is None:
+        raise I2VEditError(f"no {what} at {path}; check the path.")
+    if stat.S_ISDIR(st.st_mode):
+        raise I2VEditError(f"the {what} {path} is a folder; give {give}.")
+    if st.st_size == 0:
+        raise I2VEditError(f"the {what} {path} is empty (0 bytes); give {give}.")
+
+
+def _png_is_empty(head: bytes) -> bool:
+    """A PNG whose header says 0 pixels wide or high (OpenCV and PIL only say they cannot read it)."""
+    if not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+        return False
+    return int.from_bytes(head[16:20], "big") == 0 or int.from_bytes(head[20:24], "big") == 0
+
+
+def _read_image(path: str) -> torch.Tensor:
+    """An edited first frame as a (1, H, W, 3) IMAGE; a file that does not decode completely is refused."""
+    import cv2
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    give = "a PNG or JPEG file"
+    _check_input_file(path, "image", give)
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if _png_is_empty(head):
+        raise I2VEditError(
+            f"the image {path} is 0×0 pixels; give an edited first frame with pixels ({give})."
+        )
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with Image.open(path) as im:
+            if 0 in im.size:
+                raise I2VEditError(
+                    f"the image {path} is {im.size[0]}×{im.size[1]} pixels; give {give} with pixels."
+                )
+            im.load()  # decodes everything: raises on a truncated file
+    except UnidentifiedImageError:
+        raise I2VEditError(f"cannot read the image {path}: it is not an image file; give {give}.") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise I2VEditError(
+            f"the image {path} is truncated or damaged ({e}): it does not decode completely. Save or copy it "
+            "again and give the whole file."
+        ) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise I2VEditError(f"cannot read the image {path}; give a PNG or JPEG file.")
+        raise I2VEditError(f"cannot read the image {path}; give {give}.")
     return torch.from_numpy(cv2.cvtColor(img, cv2.COLOR_BGR2RGB)).float().div(255).unsqueeze(0)
 
 
+def output_names(first_frames: list[str]) -> list[str]:
+    """One distinct ``<name>.mp4`` per edited first frame: its file name's stem, ``_2``, ``_3`` … added to
+    repeats (``a/edit.png`` and ``b/edit.png`` give ``edit.mp4`` and ``edit_2.mp4``), compared without case
+    (macOS and Windows folders ignore it), cut to stay within the filesystem's name length."""
+    stems = []
+    for path in first_frames:
+        stem = Path(path).stem.encode("utf-8")[:MAX_NAME_BYTES].decode("utf-8", "ignore") or "edit"
+        stems.append(stem)
+    natural = {s.lower() for s in stems}
+    taken: set[str] = set()
+    names = []
+    for stem in stems:
+        name, k = stem, 2
+        while name.lower() in taken or (name != stem and name.lower() in natural):
+            name, k = f"{stem}_{k}", k + 1
+        taken.add(name.lower())
+        names.append(f"{name}.mp4")
+    return names
+
+
+def check_generation_size(size: tuple[int, int], chunk: int) -> None:
+    """Refuse, before reading anything, a generation size SVD cannot use or that would not fit in memory."""
+    h, w = size
+    native = f"{SVD_NATIVE_SIZE[0]} {SVD_NATIVE_SIZE[1]}"
+    if h % 64 or w % 64 or not (64 <= h <= MAX_SIDE and 64 <= w <= MAX_SIDE):
+        raise I2VEditError(
+            f"--size {h} {w} is outside what SVD can generate: each side must be a multiple of 64 from 64 to "
+            f"{MAX_SIDE}. SVD's native size is --size {native} (height width); leave --size out to fit the "
+            "video within 1024."
+        )
+    if chunk * h * w > MAX_CLIP_PIXELS:
+        raise I2VEditError(
+            f"a clip of {chunk} frames at {h}×{w} is {chunk * h * w / 1e6:.0f} M pixels, over the "
+            f"{MAX_CLIP_PIXELS / 1e6:.0f} M that fit in memory; use a smaller --size (SVD's native size is "
+            f"--size {native}) or a shorter --chunk."
+        )
+
+
+def _reuse_dir(args: argparse.Namespace) -> Path:
+    return Path(args.reuse) if getattr(args, "reuse", None) else Path(args.out) / "reuse"
+
+
 def run_edit(args: argparse.Namespace) -> dict[str, Any]:
+    from .clips import fit_size
     from .pipeline import EditSettings, edit_frames
     from .video_io import read_video, write_video
 
     out_dir = writable_folder(args.out)
-    if not Path(args.video).is_file():
-        raise I2VEditError(f"no video at {args.video}; check the path.")
-    edits = [_read_image(p) for p in args.first_frame]
-    check_model_path(args.model)
-    frames, fps = read_video(args.video, args.start, args.end, args.sample_fps)
+    _check_input_file(args.video, "video", "a video file (mp4, mov, ...)")
     match = None if args.no_matching else MatchConfig.preset(args.preset)
     settings = EditSettings(
         chunk=args.chunk, steps=args.steps, match=match, mode=args.memory, lora_steps=args.lora_steps,
         seed=args.seed, cfg=(1.0, args.max_cfg),
     )  # fmt: skip
     settings.validate()
+    if args.size:
+        check_generation_size(tuple(args.size), settings.chunk)
+    edits = [_read_image(p) for p in args.first_frame]
+    names = output_names(args.first_frame)
+    check_model_path(args.model)
+    frames, fps = read_video(args.video, args.start, args.end, args.sample_fps)
+    n, h, w = (int(x) for x in frames.shape[:3])
+    size = tuple(args.size) if args.size else fit_size(h, w)
+    check_generation_size(size, min(settings.chunk, n))
+    if n * size[0] * size[1] * 12 > MAX_VIDEO_BYTES:
+        raise I2VEditError(
+            f"{n} frames at {size[0]}×{size[1]} would take {n * size[0] * size[1] * 12 / 2**30:.1f} GiB, over "
+            f"{MAX_VIDEO_BYTES / 2**30:.0f} GiB; edit less at once: a shorter --start/--end range, a lower "
+            "--sample-fps, or a smaller --size."
+        )
     host = load_diffusers_host(args.model)
-    size = tuple(args.size) if args.size else None
-    reuse = Path(args.reuse) if args.reuse else out_dir / "reuse"
+    reuse = _reuse_dir(args)
     result = edit_frames(host, frames, fps, edits, settings, size=size, reuse_dir=reuse,
                          progress=lambda i: print(f"clip {i['clip'] + 1}/{i['clips']}: {i['stage']}", file=sys.stderr))  # fmt: skip
-    for path, video in zip(args.first_frame, result.videos):
-        write_video(out_dir / f"{Path(path).stem}.mp4", video, fps)
+    for name, video in zip(names, result.videos):
+        write_video(out_dir / name, video, fps)
     report = {k: v for k, v in result.report.items() if k != "settings"}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    report["outputs"] = [{"first_frame": str(p), "video": name} for p, name in zip(args.first_frame, names)]
+    report["peak_memory_bytes"] = peak_memory_bytes()
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=str), "report")
     return report
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, ``error: ...``, exit code 2 (argparse's usage dump hides the error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is a finite number (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give an ordinary number")
+    return value
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in ``[lo, hi]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give a whole number {bound}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _float_in(lo: float, hi: float):
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{value:g} is out of range; give a number from {lo:g} to {hi:g}"
+            )
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m i2vedit",
         description="I2VEdit for Stable Video Diffusion: propagate an edited first frame through a video.",
     )
@@ -219,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Propagate edited first frames through a video: clips, inversion, motion "
                           "LoRAs, attention matching. Writes one mp4 per edited frame and report.json.")  # fmt: skip
     edit.add_argument("--video", required=True, help="source video file (mp4, mov, ...)")
-    edit.add_argument("--first-frame", required=True, nargs="+", help="edited first frame(s), PNG or JPEG")
+    edit.add_argument("--first-frame", required=True, nargs="+",
+                      help="edited first frame(s), PNG or JPEG; each gives <name>.mp4 (<name>_2.mp4 … for repeated names)")  # fmt: skip
     edit.add_argument(
         "--model",
         required=True,
@@ -230,24 +497,28 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--preset", choices=sorted(PRESETS), default="local",
                       help="edit kind: local (object/colour), style (global, same shapes), shape (big shape change)")  # fmt: skip
     edit.add_argument("--no-matching", action="store_true", help="plain denoising from the inversion")
-    edit.add_argument("--chunk", type=int, default=14, help="frames per clip (default 14, SVD's length)")
+    edit.add_argument("--chunk", type=_int_in(2, 64), default=14,
+                      help="frames per clip (default 14, SVD's length)")  # fmt: skip
+    edit.add_argument("--sample-fps", type=finite_float, default=-1,
+                      help="resample the video to this rate, at most the video's own (-1: keep)")  # fmt: skip
+    edit.add_argument("--start", type=finite_float, default=0.0, help="start time in seconds")
+    edit.add_argument("--end", type=finite_float, default=-1.0, help="end time in seconds (-1: the end)")
     edit.add_argument(
-        "--sample-fps", type=float, default=-1, help="resample the video to this rate (-1: keep)"
+        "--steps", type=_int_in(2), default=25, help="denoising and inversion steps (default 25)"
     )
-    edit.add_argument("--start", type=float, default=0.0, help="start time in seconds")
-    edit.add_argument("--end", type=float, default=-1.0, help="end time in seconds (-1: the end)")
-    edit.add_argument("--steps", type=int, default=25, help="denoising and inversion steps (default 25)")
-    edit.add_argument("--lora-steps", type=int, default=250, help="motion LoRA steps per clip (0: no LoRA)")
-    edit.add_argument("--max-cfg", type=float, default=2.0, help="CFG at the last frame (ramps from 1)")
     edit.add_argument(
-        "--size", type=int, nargs=2, metavar=("H", "W"), help="generation size, multiples of 64"
+        "--lora-steps", type=_int_in(0), default=250, help="motion LoRA steps per clip (0: no LoRA)"
     )
+    edit.add_argument("--max-cfg", type=_float_in(1.0, 50.0), default=2.0,
+                      help="CFG at the last frame, ramping from 1 at the first (default 2; 1 to 50)")  # fmt: skip
+    edit.add_argument("--size", type=_int_in(1), nargs=2, metavar=("H", "W"),
+                      help=f"generation size, multiples of 64 up to {MAX_SIDE} (SVD's native size: 576 1024)")  # fmt: skip
     edit.add_argument(
         "--reuse", help="folder of saved inversions and LoRAs to reuse or resume (default OUT/reuse)"
     )
     edit.add_argument("--memory", choices=["recompute", "cache"], default="recompute",
                       help="recompute (default): keep latents only; cache: keep attention in RAM (faster, large)")  # fmt: skip
-    edit.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    edit.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="seed of every random draw")
 
     demo = sub.add_parser(
         "demo", help="run every stage on a tiny random SVD (no downloads, a few minutes on CPU)"
@@ -261,18 +532,34 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["attention", "lora"],
         help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory",
     )
-    bench.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
+    bench.add_argument(
+        "--reps", type=_int_in(1), default=5, help="timed repetitions per measurement (median)"
+    )
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    if args.command == "bench":
+        return "interrupted"
+    reuse = _reuse_dir(args)
+    if any(reuse.glob("clip_*/*.safetensors")):
+        return (
+            f"interrupted; finished clips are kept in the reuse folder {reuse}, run the same command again "
+            "to resume"
+        )
+    return "interrupted before any clip was finished; run the same command again to start over"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command; returns the exit code: 0, 2 for bad input (one line ``error: ...``), 130 on Ctrl-C."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or an argument error already printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "bench":
             from . import bench
 
-            if args.reps < 1:
-                raise I2VEditError("--reps must be at least 1")
             result = bench.bench_attention(reps=args.reps) if args.what == "attention" else bench.bench_lora()
         elif args.command == "demo":
             result = run_demo(args.out, progress=not args.quiet)
@@ -281,5 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     except I2VEditError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return INTERRUPTED
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -1,14 +1,25 @@
-"""The command line: the demo end to end, and clear errors for missing or wrong arguments."""
+"""The command line: the demo end to end, and clear errors for missing, wrong or hostile arguments."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
-from i2vedit.cli import build_parser, main
+from i2vedit import cli, pipeline
+from i2vedit.cli import build_parser, main, output_names
+from i2vedit.errors import ModelFileError
+from i2vedit.pipeline import EditSettings
 from i2vedit.video_io import write_video
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
@@ -54,7 +65,7 @@ def test_edit_fails_clearly_before_computing(tmp_path, capsys):
     assert main([*base, "--out", str(blocker / "out")]) == 2
     assert "cannot write to the output folder" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "o")]) == 2
-    assert "cannot read the image" in capsys.readouterr().err
+    assert "no image at" in capsys.readouterr().err
     frame = tmp_path / "f.png"
     import cv2
 
@@ -70,3 +81,325 @@ def test_edit_fails_clearly_before_computing(tmp_path, capsys):
     base[2] = str(tmp_path / "nope.mp4")
     assert main([*base, "--out", str(tmp_path / "o")]) == 2
     assert "no video at" in capsys.readouterr().err
+
+
+# --- hostile input (issue 11) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def svd_folder(tmp_path_factory):
+    """A diffusers SVD folder (unet/, vae/, image_encoder/) of the tiny random-weight SVD, as the Hub lays it out."""
+    from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
+
+    root = tmp_path_factory.mktemp("svd")
+    host = build_tiny_diffusers_host(seed=0)
+    host.unet.save_pretrained(root / "unet", safe_serialization=True)
+    host.vae.save_pretrained(root / "vae", safe_serialization=True)
+    host.image_encoder.save_pretrained(root / "image_encoder", safe_serialization=True)
+    return root
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the command line gets as far as loading the model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(cli, "load_diffusers_host", refuse)
+
+
+def _png(path: Path, rgb=(0.2, 0.5, 0.8), size=(64, 64)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.empty((*size, 3), np.uint8)
+    img[...] = [int(255 * c) for c in reversed(rgb)]  # BGR
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+def _edit(tmp_path, model, *extra, video=None, frames=None, out="o") -> list[str]:
+    if video is None:
+        video = tmp_path / "v.mp4"
+        if not video.exists():
+            write_video(video, torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0)), 8.0)
+    frames = frames or [str(_png(tmp_path / "f.png"))]
+    return ["edit", "--video", str(video), "--first-frame", *map(str, frames), "--model", str(model),
+            "--out", str(tmp_path / out), *extra]  # fmt: skip
+
+
+FAST = ["--chunk", "2", "--steps", "2", "--lora-steps", "0", "--no-matching", "--size", "64", "64"]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_output_names_are_distinct_whatever_the_first_frames_are_called():
+    assert output_names(["a/edit.png", "b/edit.png", "c/edit.jpg"]) == [
+        "edit.mp4",
+        "edit_2.mp4",
+        "edit_3.mp4",
+    ]
+    # a repeat never takes the name another input gives naturally
+    assert output_names(["a/edit.png", "b/edit.png", "edit_2.png"]) == [
+        "edit.mp4",
+        "edit_3.mp4",
+        "edit_2.mp4",
+    ]
+    assert output_names(["Edit.png", "edit.png"]) == ["Edit.mp4", "edit_2.mp4"]  # macOS / Windows ignore case
+    long = output_names(["a/" + "é" * 200 + ".png", "b/" + "é" * 200 + ".png"])
+    assert len(set(long)) == 2 and all(len(n.encode()) <= 255 for n in long)
+
+
+def test_two_first_frames_with_the_same_name_give_two_videos_mapped_in_the_report(tmp_path, svd_folder):
+    red, blue = (
+        _png(tmp_path / "a" / "edit.png", (0.9, 0.1, 0.1)),
+        _png(tmp_path / "b" / "edit.png", (0.1, 0.1, 0.9)),
+    )
+    video = tmp_path / "v2.mp4"
+    write_video(video, torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0)), 8.0)
+    assert main(_edit(tmp_path, svd_folder, *FAST, video=video, frames=[red, blue])) == 0
+    out = tmp_path / "o"
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == [
+        {"first_frame": str(red), "video": "edit.mp4"},
+        {"first_frame": str(blue), "video": "edit_2.mp4"},
+    ]
+    first = [cv2.VideoCapture(str(out / n)).read()[1].astype(float) for n in ("edit.mp4", "edit_2.mp4")]
+    assert np.abs(first[0] - first[1]).mean() > 1.0  # two different edits, not one written twice
+
+
+def test_sample_fps_above_the_source_rate_is_refused(tmp_path, svd_folder, capsys, no_model_load):
+    assert main(_edit(tmp_path, svd_folder, "--sample-fps", "24")) == 2
+    err = _one_line_error(capsys)
+    assert "sample fps 24 is above the frame rate" in err and "(8 fps)" in err and "at most 8" in err
+
+
+def _truncated(path: Path, ext: str) -> Path:
+    ok, data = cv2.imencode(ext, (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    assert ok
+    path.write_bytes(data.tobytes()[: len(data) // 2])
+    return path
+
+
+def _zero_png(path: Path) -> Path:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda d: _truncated(d / "cut.jpg", ".jpg"), "is truncated or damaged"),
+        (lambda d: _truncated(d / "cut.png", ".png"), "is truncated or damaged"),
+        (lambda d: _zero_png(d / "zero.png"), "is 0×0 pixels"),
+        (
+            lambda d: (d / "notes.png").write_text("not an image") and d / "notes.png",
+            "it is not an image file",
+        ),
+        (lambda d: (d / "empty.png").write_bytes(b"") or d / "empty.png", "is empty (0 bytes)"),
+        (lambda d: (d / "dir.png").mkdir() or d / "dir.png", "is a folder; give a PNG or JPEG file"),
+        (lambda d: d / ("x" * 296 + ".png"), "a name in it is 300 characters"),
+    ],
+    ids=["truncated-jpeg", "truncated-png", "zero-size", "not-an-image", "empty", "folder", "300-char-name"],
+)
+def test_first_frames_that_do_not_decode_completely_are_refused(
+    tmp_path, svd_folder, capsys, no_model_load, make, fragment
+):
+    bad = make(tmp_path)
+    assert main(_edit(tmp_path, svd_folder, frames=[bad])) == 2
+    assert fragment in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--start", "nan"], "argument --start: 'nan' is not a finite number"),
+        (["--end", "nan"], "argument --end: 'nan' is not a finite number"),
+        (["--sample-fps", "inf"], "argument --sample-fps: 'inf' is not a finite number"),
+        (["--start", "-1"], "start time -1 s is negative"),
+        (["--start", "0.3", "--end", "0.2"], "start time 0.3 s is not before end time 0.2 s"),
+        (["--start", "5"], "start time 5 s is not before end time 0.375 s"),
+    ],
+)
+def test_times_and_rates_that_are_not_finite_or_in_range_are_refused(
+    tmp_path, svd_folder, capsys, no_model_load, args, fragment
+):
+    assert main(_edit(tmp_path, svd_folder, *args)) == 2
+    assert fragment in _one_line_error(capsys)
+
+
+def _damaged(svd_folder: Path, tmp_path: Path, damage) -> Path:
+    folder = tmp_path / "svd"
+    shutil.copytree(svd_folder, folder)
+    damage(folder)
+    return folder
+
+
+def _cut_in_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _other_unet(folder: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    shutil.rmtree(folder / "unet")
+    UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=8,
+    ).save_pretrained(folder / "unet", safe_serialization=True)  # fmt: skip
+
+
+def _config_not_matching_weights(folder: Path) -> None:
+    config = folder / "unet" / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg["block_out_channels"] = [2 * c for c in cfg["block_out_channels"]]
+    config.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragments"),
+    [
+        (lambda f: _cut_in_half(f / "unet" / "diffusion_pytorch_model.safetensors"),
+         ["the UNet weights", "cannot be read", "download it again"]),
+        (lambda f: (f / "unet" / "config.json").write_text("{garbage"),
+         ["unet/config.json is not a readable JSON config", "download it again"]),
+        (_other_unet, ["holds a UNet2DConditionModel, not SVD's UNetSpatioTemporalConditionModel",
+                       "Point --model at an SVD folder"]),
+        (_config_not_matching_weights, ["could not load the UNet", "expected shape", "download it again"]),
+        (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
+         ["diffusion_pytorch_model.safetensors is missing", "download it again"]),
+    ],
+    ids=["truncated-unet", "garbage-config", "other-model-in-unet", "config-not-matching-weights", "no-vae-weights"],
+)  # fmt: skip
+def test_a_damaged_or_foreign_diffusers_folder_is_named(tmp_path, svd_folder, capsys, damage, fragments):
+    folder = _damaged(svd_folder, tmp_path, damage)
+    with pytest.raises(ModelFileError) as e:
+        cli.load_diffusers_host(folder)
+    assert all(f in str(e.value) for f in fragments), str(e.value)
+    assert main(_edit(tmp_path, folder)) == 2
+    err = _one_line_error(capsys)
+    assert all(f in err for f in fragments), err
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--size", "8192", "8192"], "--size 8192 8192 is outside what SVD can generate"),
+        (["--size", "100", "100"], "each side must be a multiple of 64 from 64 to 2048"),
+        (["--size", "2048", "2048", "--chunk", "25"], "a clip of 25 frames at 2048×2048 is 105 M pixels"),
+    ],
+)
+def test_generation_sizes_svd_cannot_use_are_refused_before_reading_the_video(
+    tmp_path, svd_folder, capsys, no_model_load, monkeypatch, args, fragment
+):
+    def no_reading(*a, **kw):
+        raise AssertionError("the video was read before the size was checked")
+
+    monkeypatch.setattr("i2vedit.video_io.read_video", no_reading)
+    assert main(_edit(tmp_path, svd_folder, *args)) == 2
+    err = _one_line_error(capsys)
+    assert fragment in err and "576 1024" in err
+
+
+def _steps_are_bounded() -> bool:
+    try:
+        EditSettings(steps=100_000_000).validate()
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(
+    not _steps_are_bounded(), reason="needs the steps bound in EditSettings.validate (issue 11)"
+)
+def test_absurd_step_counts_are_refused_before_the_model_loads(tmp_path, svd_folder, capsys, no_model_load):
+    assert main(_edit(tmp_path, svd_folder, "--steps", "100000000")) == 2
+    _one_line_error(capsys)
+
+
+def test_a_folder_given_as_the_video_is_named(tmp_path, svd_folder, capsys, no_model_load):
+    folder = tmp_path / "clip.mp4"
+    folder.mkdir()
+    assert main(_edit(tmp_path, svd_folder, video=folder)) == 2
+    err = _one_line_error(capsys)
+    assert f"the video {folder} is a folder; give a video file" in err and "no video at" not in err
+
+
+def test_ctrl_c_keeps_finished_clips_and_the_same_command_resumes(tmp_path, svd_folder, capsys, monkeypatch):
+    real = pipeline.edit_frames
+
+    def ctrl_c_at_the_second_clip(*args, progress=None, **kw):
+        def hook(info):
+            if info["clip"] == 1:
+                raise KeyboardInterrupt
+
+        return real(*args, progress=hook, **kw)
+
+    monkeypatch.setattr(pipeline, "edit_frames", ctrl_c_at_the_second_clip)
+    argv = _edit(tmp_path, svd_folder, *FAST)  # 3 frames, clips of 2: two clips
+    assert main(argv) == 130
+    reuse = tmp_path / "o" / "reuse"
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model loader's own progress lines
+    assert last == (
+        f"interrupted; finished clips are kept in the reuse folder {reuse}, run the same command again to resume"
+    )
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "reuse"
+    ]  # no video, no report, no temp file
+    monkeypatch.setattr(pipeline, "edit_frames", real)
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["clips"] == 2 and report["calls"]["invert"] == 1  # clip 1 came from the reuse folder
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--max-cfg", "nan"], "argument --max-cfg: 'nan' is not a finite number"),
+        (["--max-cfg", "inf"], "argument --max-cfg: 'inf' is not a finite number"),
+        (["--max-cfg", "0.5"], "argument --max-cfg: 0.5 is out of range; give a number from 1 to 50"),
+        (["--chunk", "1"], "argument --chunk: 1 is out of range; give a whole number from 2 to 64"),
+        (["--chunk", "100000"], "argument --chunk: 100000 is out of range"),
+        (["--max-cfg", "1e9"], "argument --max-cfg: 1e+09 is out of range"),
+        (["--seed", "-1"], "argument --seed: -1 is out of range"),
+        (["--steps", "1"], "argument --steps: 1 is out of range; give a whole number at least 2"),
+        (["--lora-steps", "-5"], "argument --lora-steps: -5 is out of range"),
+    ],
+)
+def test_numbers_that_are_not_finite_or_in_range_are_refused_by_the_parser(tmp_path, capsys, args, fragment):
+    assert main(_edit(tmp_path, tmp_path / "no-model", *args)) == 2
+    err = _one_line_error(capsys)
+    assert fragment in err and "--help" in err
+
+
+def test_the_command_line_imports_where_there_is_no_resource_module():
+    script = (
+        "import sys; sys.modules['resource'] = None\n"  # as on Windows
+        "import i2vedit.cli as cli\n"
+        "print(cli.peak_memory_bytes())\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "None"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmRSS from /proc (Linux)")
+def test_peak_memory_is_in_bytes():
+    status = Path("/proc/self/status").read_text()
+    rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+    peak = cli.peak_memory_bytes()
+    assert 0.5 * rss < peak < 2**40
