@@ -87,12 +87,17 @@ def test_edit_fails_clearly_before_computing(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def svd_folder(tmp_path_factory):
-    """A diffusers SVD folder (unet/, vae/, image_encoder/) of the tiny random-weight SVD, as the Hub lays it out."""
+def tiny_host():
     from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
 
+    return build_tiny_diffusers_host(seed=0)
+
+
+@pytest.fixture(scope="module")
+def svd_folder(tmp_path_factory, tiny_host):
+    """A diffusers SVD folder (unet/, vae/, image_encoder/) of the tiny random-weight SVD, as the Hub lays it out."""
     root = tmp_path_factory.mktemp("svd")
-    host = build_tiny_diffusers_host(seed=0)
+    host = tiny_host
     host.unet.save_pretrained(root / "unet", safe_serialization=True)
     host.vae.save_pretrained(root / "vae", safe_serialization=True)
     host.image_encoder.save_pretrained(root / "image_encoder", safe_serialization=True)
@@ -289,6 +294,28 @@ def test_a_damaged_or_foreign_diffusers_folder_is_named(tmp_path, svd_folder, ca
         cli.load_diffusers_host(folder)
     assert all(f in str(e.value) for f in fragments), str(e.value)
     assert main(_edit(tmp_path, folder)) == 2
+    err = _one_line_error(capsys)
+    assert all(f in err for f in fragments), err
+
+
+def test_a_single_file_with_a_tensor_of_the_wrong_rank_is_named(tmp_path, tiny_host, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from i2vedit.hosts.single_file import write_single_file
+
+    good = write_single_file(tiny_host, tmp_path / "good.safetensors")
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(good))
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4)  # a 4-D convolution weight, now 1-D
+    bad = tmp_path / "svd.safetensors"
+    save_file(sd, str(bad), metadata=meta)
+    fragments = [f"{bad} holds tensors of shapes no SVD checkpoint has", "damaged"]
+    with pytest.raises(ModelFileError) as e:  # it was an IndexError traceback
+        cli.load_diffusers_host(bad)
+    assert all(f in str(e.value) for f in fragments), str(e.value)
+    assert main(_edit(tmp_path, bad)) == 2
     err = _one_line_error(capsys)
     assert all(f in err for f in fragments), err
 

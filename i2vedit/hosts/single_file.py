@@ -814,4 +814,11 @@ def load_single_file(
         raise ModelFileError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from None
     except SafetensorError as e:
         raise ModelFileError(f"{p} could not be read ({e}); it may be truncated or damaged. " + _HELP) from e
+    except (IndexError, TypeError, ValueError) as e:  # a tensor of a rank or kind no SVD checkpoint has
+        if isinstance(e, I2VEditError):
+            raise
+        raise ModelFileError(
+            f"{p} holds tensors of shapes no SVD checkpoint has ({type(e).__name__}: {e}); the file is damaged "
+            "or was changed by another tool. " + _HELP
+        ) from e
     return DiffusersSVDHost(unet, vae, clip, dtype=dtype)
