@@ -211,6 +211,11 @@ def _check_diffusers_folder(p: Path) -> None:
 def check_model_path(model: str | Path) -> Path:
     """Refuse, before any work, a model path the command line cannot load."""
     p = Path(model)
+    if _stat(str(model), "model") is None:
+        raise I2VEditError(
+            f"no model at {p}; check the path. Give a diffusers SVD folder (unet/, vae/, image_encoder/) or "
+            "a single-file svd.safetensors / svd_xt.safetensors."
+        )
     if p.is_file():
         if p.suffix.lower() != ".safetensors":
             raise I2VEditError(
@@ -221,11 +226,6 @@ def check_model_path(model: str | Path) -> Path:
         from .hosts.single_file import check_single_file
 
         return check_single_file(p)
-    if not p.exists():
-        raise I2VEditError(
-            f"no model at {p}; check the path. Give a diffusers SVD folder (unet/, vae/, image_encoder/) or "
-            "a single-file svd.safetensors / svd_xt.safetensors."
-        )
     missing = [s for s in ("unet", "vae", "image_encoder") if not (p / s).is_dir()]
     if missing:
         raise I2VEditError(
@@ -260,6 +260,8 @@ def load_diffusers_host(model: str | Path, dtype: torch.dtype = torch.float32):
         try:
             parts[sub] = cls.from_pretrained(p, subfolder=sub, **kw)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:
+            if isinstance(e, RuntimeError) and "memory" in str(e).lower():
+                raise  # out of memory: not a damaged folder
             reason = (str(e).strip().splitlines() or [""])[0].split(" If you want", 1)[0][:300]
             raise ModelFileError(
                 f"could not load the {_DIFFUSERS_PARTS[sub][0]} from {p / sub} ({type(e).__name__}: {reason}); "

@@ -364,6 +364,18 @@ def test_a_folder_given_as_the_video_is_named(tmp_path, svd_folder, capsys, no_m
     assert f"the video {folder} is a folder; give a video file" in err and "no video at" not in err
 
 
+@pytest.mark.parametrize("which", ["--video", "--model", "--out"])
+def test_a_name_longer_than_the_filesystem_allows_is_named(
+    tmp_path, svd_folder, capsys, no_model_load, which
+):
+    argv = _edit(tmp_path, svd_folder)
+    argv[argv.index(which) + 1] = str(tmp_path / ("y" * 300))
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    expected = "cannot write to the output folder" if which == "--out" else "a name in it is 300 characters"
+    assert expected in err, err
+
+
 def test_ctrl_c_keeps_finished_clips_and_the_same_command_resumes(tmp_path, svd_folder, capsys, monkeypatch):
     real = pipeline.edit_frames
 
