@@ -201,3 +201,77 @@ def test_a_lora_from_another_model_or_target_set_is_refused_with_the_keys(host, 
     with pytest.raises(LoRAError) as e:
         diffusers_lora_host(other, loaded)
     assert "time_stack" in str(e.value)
+
+
+def test_a_kv_source_of_another_model_is_refused_before_the_first_step(host):
+    """The check compared the K/V source's fingerprint with itself, so any model's K/V were accepted."""
+    from i2vedit.hosts.base import SVDCond, TimeIds
+    from i2vedit.inversion import invert
+    from i2vedit.matched import SourceKV
+
+    z, first, emb = clip_latents()
+    other = build_tiny_diffusers_host(seed=7)
+    source = SourceKV(other, invert(other, z, SVDCond(emb, first, TimeIds(7, 127, 0.02)), steps=2))
+    trainer = DiffusersLoRATrainer(host, rank=4)
+    calls = []
+    original = trainer.train_denoise
+    trainer.train_denoise = lambda *a, **k: calls.append(1) or original(*a, **k)
+    with pytest.raises(I2VEditError, match="another model"):
+        train_motion_lora(trainer, z, first, emb, _cfg(steps=2), kv_source=source)
+    assert calls == []
+
+
+def test_trainers_and_lora_hosts_of_one_host_share_one_working_copy():
+    """At most one UNet copy beyond the user's: every trainer and LoRA host of a host uses the same one."""
+    import gc
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    base = build_tiny_diffusers_host(seed=0)
+
+    def unets() -> int:
+        gc.collect()
+        return sum(isinstance(o, UNetSpatioTemporalConditionModel) for o in gc.get_objects())
+
+    before = unets()
+    z, first, emb = clip_latents()
+    cond = trainer_cond(first, emb)
+    x = torch.randn(F, 4, H, W, generator=torch.Generator().manual_seed(2))
+    w1 = train_motion_lora(
+        DiffusersLoRATrainer(base, rank=4, init_seed=1), z, first, emb, _cfg(steps=2)
+    ).weights
+    w2 = train_motion_lora(
+        DiffusersLoRATrainer(base, rank=4, init_seed=2), z, first, emb, _cfg(steps=2)
+    ).weights
+    h1, h2 = diffusers_lora_host(base, w1), diffusers_lora_host(base, w2)
+    outs = [h.denoise(x, 1.5, [cond]) for h in (h1, h2, h1, h2)]
+    assert unets() == before + 1
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    assert (outs[0] - outs[1]).abs().max() > 1e-5, "two LoRAs must give two models"
+    # each equals the same LoRA on a host of its own (a fresh copy)
+    alone = build_tiny_diffusers_host(seed=0)
+    assert torch.equal(diffusers_lora_host(alone, w1).denoise(x, 1.5, [cond]), outs[0])
+    # a trainer on a reused copy starts from the same LoRA as on a fresh one (peft's own draws)
+    reused = DiffusersLoRATrainer(base, rank=4, init_seed=5).export()
+    fresh = DiffusersLoRATrainer(build_tiny_diffusers_host(seed=0), rank=4, init_seed=5).export()
+    assert all(
+        torch.equal(reused[n].down, fresh[n].down) and torch.equal(reused[n].up, fresh[n].up) for n in fresh
+    )
+    # a LoRA host that runs while a trainer trains takes the copy over: the trainer refuses to go on
+    trainer = DiffusersLoRATrainer(base, rank=4)
+    h1.denoise(x, 1.5, [cond])
+    with pytest.raises(I2VEditError, match="ran while this LoRA was training"):
+        train_motion_lora(trainer, z, first, emb, _cfg(steps=1))
+
+
+def test_a_working_copy_made_before_the_weights_changed_is_made_again():
+    base = build_tiny_diffusers_host(seed=0)
+    z, first, emb = clip_latents()
+    w = train_motion_lora(DiffusersLoRATrainer(base, rank=4), z, first, emb, _cfg(steps=1)).weights
+    cond = trainer_cond(first, emb)
+    x = torch.randn(F, 4, H, W, generator=torch.Generator().manual_seed(2))
+    before = diffusers_lora_host(base, w).denoise(x, 1.5, [cond])
+    with torch.no_grad():
+        base.unet.conv_in.weight.mul_(1.5)
+    after = diffusers_lora_host(base, w).denoise(x, 1.5, [cond])
+    assert (after - before).abs().max() > 1e-4

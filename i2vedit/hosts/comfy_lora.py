@@ -70,55 +70,13 @@ import torch.utils.checkpoint
 
 from ..errors import LoRAError
 from ..lora_file import LoRAPair, LoRAWeights, check_lora_fits, validate_rank
-from ..lora_targets import BLOCK_LINEARS, target_shapes, to_diffusers_name
+from ..lora_init import init_lora_pairs, peft_init_order
+from ..lora_targets import target_shapes
 from .base import SVDCond, sigma_scalar
 from .comfy_host import ComfySVDHost, _DirectSampler, check_svd_model, to_conditioning, with_attention_control
 
 PREFIX = "diffusion_model."
 _COND = "positive"
-
-# peft walks the diffusers UNet's named_modules(); diffusers registers up_blocks before mid_block.
-_DIFFUSERS_GROUP_ORDER = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
-_DIFFUSERS_TARGET = re.compile(
-    r"^(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?attentions\.(\d+)\.temporal_transformer_blocks\.(\d+)\.(.+)$"
-)
-
-
-def peft_init_order(names: list[str]) -> list[str]:
-    """ComfyUI target names in the order peft initialises them on the diffusers UNet."""
-
-    def key(name: str) -> tuple[int, int, int, int, int]:
-        m = _DIFFUSERS_TARGET.match(to_diffusers_name(name))
-        if m is None:
-            raise LoRAError(f"{name!r} is not a temporal-block linear of the SVD UNet.")
-        group, block, attn, tblock, tail = m.groups()
-        # BLOCK_LINEARS["temporal"] lists a block's linears in module-registration order.
-        return (
-            _DIFFUSERS_GROUP_ORDER[group],
-            int(block or 0),
-            int(attn),
-            int(tblock),
-            BLOCK_LINEARS["temporal"].index(tail),
-        )
-
-    return sorted(names, key=key)
-
-
-def init_lora_pairs(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, LoRAPair]:
-    """The initial LoRA (down ~ N(0, 1/rank²), up = 0, alpha = rank) peft draws for ``seed``.
-
-    Draws on the CPU generator under ``fork_rng``, so the caller's random state is untouched.
-    """
-    out: dict[str, LoRAPair] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for name in peft_init_order(list(shapes)):
-            out_f, in_f = shapes[name]
-            lora_a = torch.nn.Linear(in_f, rank, bias=False)  # as peft builds them: Kaiming draws first
-            torch.nn.Linear(rank, out_f, bias=False)
-            torch.nn.init.normal_(lora_a.weight, std=1 / rank)
-            out[name] = LoRAPair(lora_a.weight.detach().clone(), torch.zeros(out_f, rank), float(rank))
-    return out
 
 
 def _make_train_adapter(pair: LoRAPair, device: torch.device) -> torch.nn.Module:
@@ -271,6 +229,9 @@ class ComfyLoRATrainer:
 
     def set_dropout(self, active: bool) -> None:
         self._dropout_on = bool(active)
+
+    def fingerprint(self) -> str:
+        return self.host.fingerprint()
 
     def train_denoise(
         self, x: torch.Tensor, sigma: float, cond: SVDCond, transformer_options: dict[str, Any]
