@@ -56,15 +56,26 @@ def test_batched_denoise_equals_separate_calls(setup):
     assert not torch.allclose(both[0], both[1])  # conditioning matters
 
 
+def options_seen(h):
+    """The ``transformer_options`` the UNet's processors see in each call (the host clears them after)."""
+    seen = []
+    handle = h.unet.register_forward_pre_hook(lambda module, args: seen.append(dict(h.transformer_options)))
+    return seen, handle
+
+
 def test_per_frame_cfg(setup):
     h, z0, cond = setup
     x = z0 * 5
     scales = cfg_ramp(F, 1.0, 2.0)
     out = CFGDenoiser(h, cond, cond.unconditional(), scales)(x, torch.full((F,), 5.0))
-    u, c = h.denoise(x, 5.0, [cond.unconditional(), cond])
+    seen, handle = options_seen(h)
+    try:
+        u, c = h.denoise(x, 5.0, [cond.unconditional(), cond])
+    finally:
+        handle.remove()
     torch.testing.assert_close(out, u + scales.view(-1, 1, 1, 1) * (c - u), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[0], c[0], rtol=1e-5, atol=1e-6)  # scale 1 on the first frame
-    assert h.transformer_options["cond_or_uncond"] == [1, 0]
+    assert seen[-1]["cond_or_uncond"] == [1, 0] and h.transformer_options == {}
 
 
 def test_zero_output_unet_is_the_exact_preconditioned_denoiser(setup):
@@ -106,8 +117,12 @@ def test_inversion_round_trip_error_falls_with_steps(setup):
 
 def test_sampler_steps_reach_the_host(setup):
     h, z0, cond = setup
-    h.sample(samplers.sample_euler_inversion, z0, schedules.inversion_sigmas(3), cond, disable=True)
-    opts = h.transformer_options
+    seen, handle = options_seen(h)
+    try:
+        h.sample(samplers.sample_euler_inversion, z0, schedules.inversion_sigmas(3), cond, disable=True)
+    finally:
+        handle.remove()
+    opts = seen[-1]
     assert (opts["i2v_phase"], opts["i2v_step"], opts["i2v_steps"]) == ("invert", 2, 3)
     assert opts["cond_or_uncond"] == [0]
 
@@ -137,3 +152,35 @@ def test_conditioning_that_does_not_fit_is_rejected(setup):
         h.denoise(z0, 1.0, [wrong_frames])
     with pytest.raises(I2VEditError, match="CFG scales"):
         CFGDenoiser(h, cond, cond.unconditional(), cfg_ramp(F + 1))(z0, torch.ones(F))
+
+
+def test_the_attention_controller_is_let_go_after_a_call_and_after_a_failing_call(setup):
+    """The host used to keep the last call's controller (and the capture and K/V it holds) alive."""
+    import gc
+    import weakref
+
+    from i2vedit.control import AttentionController
+    from i2vedit.inversion import step_options
+
+    h, z0, cond = setup
+    ctrl = AttentionController({"kv"})
+    ctrl.begin_step(0, 1)
+    h.denoise(z0, 1.0, [cond], step_options(ctrl, 0, 1, "invert"))
+    assert ctrl.take().kv, "the controller must have been called"
+    ref = weakref.ref(ctrl)
+    del ctrl
+    gc.collect()
+    assert ref() is None
+
+    class Failing(AttentionController):
+        def __call__(self, *args, **kw):
+            raise RuntimeError("boom")
+
+    bad = Failing(set())
+    bad.begin_step(0, 1)
+    with pytest.raises(RuntimeError, match="boom"):
+        h.denoise(z0, 1.0, [cond], step_options(bad, 0, 1, "invert"))
+    ref = weakref.ref(bad)
+    del bad
+    gc.collect()
+    assert ref() is None

@@ -101,6 +101,10 @@ class DiffusersSVDHost:
         """What the attention processors read during a call: step, phase, controller, CFG chunk order."""
         return install_attention_control(self.unet).options
 
+    def release_call_options(self) -> None:
+        """Forget the last call's ``transformer_options`` (its attention controller and what it holds)."""
+        install_attention_control(self.unet).options = {}
+
     def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
         """A trainable LoRA'd private copy of this UNet (``lora_train.LoRATrainable``)."""
         from .diffusers_lora import DiffusersLoRATrainer
@@ -158,16 +162,24 @@ class DiffusersSVDHost:
         opts = dict(transformer_options or {})
         opts["cond_or_uncond"] = [0 if c.kind == COND else 1 for c in conds]
         opts["sigmas"] = torch.tensor([s])
-        install_attention_control(self.unet).options = opts
+        box = install_attention_control(self.unet)
+        box.options = opts
         timestep = edm.c_noise(torch.tensor(s, dtype=torch.float32)).to(dev)
-        v = self.unet(
-            sample.to(self.dtype),
-            timestep,
-            encoder_hidden_states=context.to(self.dtype),
-            added_time_ids=ids.to(self.dtype),
-            return_dict=False,
-        )[0]
-        return edm.denoised_from_v(x32.unsqueeze(0), v.float(), s)
+        try:
+            v = self.unet(
+                sample.to(self.dtype),
+                timestep,
+                encoder_hidden_states=context.to(self.dtype),
+                added_time_ids=ids.to(self.dtype),
+                return_dict=False,
+            )[0]
+        finally:
+            # The controller holds the step's source capture and K/V: let them go after the call. With
+            # gradients on, a checkpointed backward re-runs the attention and needs them; the trainer
+            # clears them at its next step (``release_call_options``).
+            if not torch.is_grad_enabled():
+                box.options = {}
+        return edm.denoised_from_v(x32.unsqueeze(0), v.float(), s).contiguous()
 
     def sample(
         self,
@@ -221,7 +233,8 @@ class DiffusersSVDHost:
         vae_dtype = next(self.vae.parameters()).dtype
         frames = []
         for start in range(0, latents.shape[0], chunk):
-            z = latents[start : start + chunk].to(self.device, vae_dtype)
+            # one memory layout whatever made the latent: the conv kernels (and so the bits) depend on it
+            z = latents[start : start + chunk].to(self.device, vae_dtype).contiguous()
             frames.append(self.vae.decode(z, num_frames=z.shape[0]).sample.float())
         out = torch.cat(frames)
         return ((out + 1.0) * 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
