@@ -39,8 +39,16 @@ def sample_frame_indices(
             f"the video reports a frame rate of {native_fps} fps; re-encode it with a fixed frame rate "
             "(e.g. ffmpeg -i in.mp4 -r 30 out.mp4)."
         )
+    for name, value in (("start time", start_t), ("end time", end_t), ("sample fps", sample_fps)):
+        if not math.isfinite(value):
+            raise I2VEditError(f"{name} {value} is not a finite number; give an ordinary number.")
     if start_t < 0:
         raise I2VEditError(f"start time {start_t} s is negative; use a start time of 0 s or later.")
+    if sample_fps > native_fps * (1 + 1e-6):
+        raise I2VEditError(
+            f"sample fps {sample_fps:g} is above the video's frame rate ({native_fps:g} fps), so frames would be "
+            f"repeated; use a sample fps of at most {native_fps:g}, or -1 for the video's own rate."
+        )
     if sample_fps != -1 and not sample_fps > 0:
         raise I2VEditError(
             f"sample fps {sample_fps} is not positive; use a positive sample fps, or -1 for the native "

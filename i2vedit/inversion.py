@@ -103,6 +103,16 @@ class Inversion:
             )
 
 
+def require_finite(t: torch.Tensor, where: str) -> None:
+    """Stop a run whose model output went NaN/inf, before anything of it is kept or stored."""
+    if not bool(torch.isfinite(t).all()):
+        raise I2VEditError(
+            f"{where} gave non-finite values (NaN or inf), so this clip was stopped and nothing of it was "
+            "stored. Check the model file (a damaged or wrongly converted checkpoint), the inputs, and the "
+            "precision: fp16 can overflow, use bf16 or fp32."
+        )
+
+
 def invert(
     host: SVDHost,
     latents: torch.Tensor,
@@ -140,6 +150,7 @@ def invert(
         kv = kv_source.at(PHASE_INVERT, i) if kv_source is not None else None
         ctrl.begin_step(i, steps, kv=kv)
         denoised = host.denoise(x, sigma, [cond], step_options(ctrl, i, steps, PHASE_INVERT))[0]
+        require_finite(denoised, f"inversion step {i + 1} of {steps}")
         trajectory.append(x)
         if mode == "cache":
             captures.append(ctrl.take())

@@ -13,6 +13,7 @@ Every random draw of step ``s`` (σ, noise, conditioning noise, LoRA dropout) co
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,8 @@ from .files import save_safetensors_atomic
 from .hosts.base import SVDCond, TimeIds
 from .lora_file import LoRAPair, LoRAWeights, load_lora, save_lora
 from .lora_targets import check_target_set
+
+log = logging.getLogger("i2vedit")
 
 TRAIN_TIME_IDS = TimeIds(6.0, 127.0, 0.02)
 
@@ -87,6 +90,10 @@ class LoRATrainable(Protocol):
         ...
 
     def set_dropout(self, active: bool) -> None: ...
+
+    def fingerprint(self) -> str:
+        """The base model's ``SVDHost.fingerprint`` (the LoRA does not change it)."""
+        ...
 
     def export(self) -> dict[str, LoRAPair]:
         """Detached CPU float32 copies of the LoRA by ComfyUI module name (alpha = rank: scale 1)."""
@@ -251,6 +258,16 @@ def load_checkpoint(path: Path, trainer: LoRATrainable, optimizer: torch.optim.O
     return int(weights.steps)
 
 
+def _checkpoint_path(folder: Path, steps: int) -> Path:
+    return folder / f"checkpoint-{steps:05d}.safetensors"
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint with the most steps in ``folder`` (as ``train_motion_lora`` names them), if any."""
+    found = sorted(Path(folder).glob("checkpoint-[0-9][0-9][0-9][0-9][0-9].safetensors"))
+    return found[-1] if found else None
+
+
 def _fork_rng(device: torch.device):
     devices = [device] if device.type == "cuda" else []
     return torch.random.fork_rng(devices=devices)
@@ -285,7 +302,7 @@ def train_motion_lora(
     if latents.ndim != 4 or latents.shape[1] != 4:
         raise I2VEditError(f"latents must be (frames, 4, h, w), got {tuple(latents.shape)}.")
     if kv_source is not None:
-        kv_source.check_fits(latents.shape[-2:], kv_source.fingerprint)
+        kv_source.check_fits(latents.shape[-2:], trainer.fingerprint())
     meta = replace(
         metadata or LoRAWeights({}),
         modules={},
@@ -305,44 +322,63 @@ def train_motion_lora(
     latents, first_latent = latents.float(), first_latent.float()
     losses: list[float] = []
     last_ckpt: Path | None = Path(resume_from) if resume_from is not None else None
-    for step in range(start, config.steps):
-        if should_stop is not None and should_stop():
-            weights = replace(meta, modules=trainer.export(), steps=step)
-            return TrainResult(weights, step, losses, interrupted=True, checkpoint=last_ckpt)
-        draws = draw_step(config.seed, step, tuple(latents.shape))
-        trainer.set_dropout(config.dropout > 0)
-        with _fork_rng(device):
-            torch.manual_seed(step_seed(config.seed, step))
-            loss = objective(trainer, latents, first_latent, clip_embed, draws, config, kv_source)
-            bad = None if torch.isfinite(loss) else f"the loss became {float(loss.detach())}"
-            if bad is None:
+    done = start  # steps whose update is in the LoRA and the optimiser
+
+    def checkpoint(steps: int) -> Path:
+        assert ckpt_dir is not None
+        return save_checkpoint(
+            _checkpoint_path(ckpt_dir, steps), trainer, optimizer, replace(meta, steps=steps)
+        )
+
+    try:
+        for step in range(start, config.steps):
+            if should_stop is not None and should_stop():
+                if ckpt_dir is not None and done > start and not _checkpoint_path(ckpt_dir, done).is_file():
+                    last_ckpt = checkpoint(done)
+                weights = replace(meta, modules=trainer.export(), steps=step)
+                return TrainResult(weights, step, losses, interrupted=True, checkpoint=last_ckpt)
+            draws = draw_step(config.seed, step, tuple(latents.shape))
+            trainer.set_dropout(config.dropout > 0)
+            with _fork_rng(device):
+                torch.manual_seed(step_seed(config.seed, step))
+                loss = objective(trainer, latents, first_latent, clip_embed, draws, config, kv_source)
+                bad = None if torch.isfinite(loss) else f"the loss became {float(loss.detach())}"
+                if bad is None:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for name, p in trainer.named_trainable():
+                        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                            bad = f"the gradient of {name} is not finite"
+                            break
+            if bad is not None:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for name, p in trainer.named_trainable():
-                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                        bad = f"the gradient of {name} is not finite"
-                        break
-        if bad is not None:
-            optimizer.zero_grad(set_to_none=True)
-            good = replace(meta, modules=trainer.export(), steps=step)
-            raise LoRATrainingError(
-                f"motion LoRA training stopped at step {step + 1} of {config.steps}: {bad} (σ = {draws.sigma:.4g}). "
-                "The LoRA of the last good step is kept"
-                + (f" and the last checkpoint is {last_ckpt}" if last_ckpt else "")
-                + ". Try a lower learning rate, or fp32 instead of fp16 autocast.",
-                good,
-                step,
-                last_ckpt,
-            )
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if callback is not None:
-            callback({"step": step + 1, "steps": config.steps, "loss": losses[-1], "sigma": draws.sigma})
-        done = step + 1
-        if ckpt_dir is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-            last_ckpt = save_checkpoint(
-                ckpt_dir / f"checkpoint-{done:05d}.safetensors", trainer, optimizer, replace(meta, steps=done)
-            )
+                good = replace(meta, modules=trainer.export(), steps=step)
+                raise LoRATrainingError(
+                    f"motion LoRA training stopped at step {step + 1} of {config.steps}: {bad} (σ = {draws.sigma:.4g}). "
+                    "The LoRA of the last good step is kept"
+                    + (f" and the last checkpoint is {last_ckpt}" if last_ckpt else "")
+                    + ". Try a lower learning rate, or fp32 instead of fp16 autocast.",
+                    good,
+                    step,
+                    last_ckpt,
+                )
+            optimizer.step()
+            done = step + 1
+            losses.append(float(loss.detach()))
+            if callback is not None:
+                callback({"step": done, "steps": config.steps, "loss": losses[-1], "sigma": draws.sigma})
+            if ckpt_dir is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+                last_ckpt = checkpoint(done)
+    except (KeyboardInterrupt, I2VEditError, RuntimeError) as e:
+        # Interrupted (Ctrl-C, a callback that stops the run, an error of the model call): keep the
+        # steps done so far as a checkpoint, so the same run resumes there instead of at step 0.
+        keep = ckpt_dir is not None and done > start and not isinstance(e, LoRATrainingError)
+        if keep and not _checkpoint_path(ckpt_dir, done).is_file():
+            try:
+                checkpoint(done)
+            except Exception as save_error:  # the first error is the one to report
+                log.warning("could not keep the LoRA checkpoint at step %d: %s", done, save_error)
+        raise
     trainer.set_dropout(False)
     weights = replace(meta, modules=trainer.export(), steps=config.steps)
     return TrainResult(weights, config.steps, losses, interrupted=False, checkpoint=last_ckpt)

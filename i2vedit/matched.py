@@ -36,6 +36,7 @@ from .inversion import (
     StepCallback,
     check_mode,
     replay_source,
+    require_finite,
     source_capture,
     step_options,
 )
@@ -230,6 +231,7 @@ class MatchedClip:
         for k in range(self.steps):
             sigma, sigma_next = self.sigmas[k], self.sigmas[k + 1]
             denoised, cap = self.denoised(k, x, keep_kv, masks)
+            require_finite(denoised, f"denoising step {k + 1} of {self.steps}")
             trajectory.append(x)
             if keep_kv:
                 kv_caps.append(cap)

@@ -95,8 +95,12 @@ def train_clip_lora(
     should_stop: Callable[[], bool] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     gradient_checkpointing: bool = False,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
-    """Train one clip's motion LoRA on ``host``'s base model (also inside ComfyUI's inference mode)."""
+    """Train one clip's motion LoRA on ``host``'s base model (also inside ComfyUI's inference mode).
+
+    ``resume_from``: a checkpoint of the same training (``checkpoint_dir`` of an interrupted run).
+    """
     trainer = host.lora_trainer(
         config.rank, config.target_set, config.dropout, gradient_checkpointing=gradient_checkpointing,
         init_seed=config.seed,
@@ -107,6 +111,7 @@ def train_clip_lora(
         return train_motion_lora(
             trainer, latents, first_raw, clip_embed, config, kv_source=kv_source, checkpoint_dir=checkpoint_dir,
             metadata=meta, callback=callback, should_stop=should_stop, device=getattr(host, "device", "cpu"),
+            resume_from=resume_from,
         )  # fmt: skip
 
 
@@ -168,7 +173,7 @@ def load_inversion(path: str | Path) -> tuple[Inversion, dict[str, str]]:
     except (OSError, SafetensorError) as e:
         raise I2VEditError(f"cannot read the inversion {p} ({e}); save it again.") from e
     try:
-        inv = Inversion(t["latents"].float(), t["sigmas"].float(), cond_from("cond", t), meta["fingerprint"])
+        inv = Inversion(t["latents"].float(), t["sigmas"].double(), cond_from("cond", t), meta["fingerprint"])
     except KeyError as e:
         raise I2VEditError(f"the inversion {p} lacks {e}; save it again.") from None
     return inv, meta

@@ -62,8 +62,18 @@ def test_sample_end_past_video_is_clamped_to_duration():
     assert sample_frame_indices(20, 10.0, end_t=100.0) == list(range(20))
 
 
-def test_sample_fps_above_native_repeats_frames():
-    assert sample_frame_indices(5, 5.0, sample_fps=10.0) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+def test_sample_fps_above_native_is_refused_instead_of_repeating_frames():
+    """24 fps on an 8 fps source used to triple every frame without a word (nodes and CLI alike)."""
+    with pytest.raises(I2VEditError, match=r"above the video's frame rate \(5 fps\)"):
+        sample_frame_indices(5, 5.0, sample_fps=10.0)
+    assert sample_frame_indices(5, 5.0, sample_fps=5.0) == [0, 1, 2, 3, 4]
+    assert len(sample_frame_indices(300, 30000 / 1001, sample_fps=30000 / 1001)) == 300
+
+
+@pytest.mark.parametrize("kwargs", [{"start_t": math.nan}, {"end_t": math.nan}, {"sample_fps": math.inf}])
+def test_sample_times_and_rates_that_are_not_finite_are_refused(kwargs):
+    with pytest.raises(I2VEditError, match="not a finite number"):
+        sample_frame_indices(20, 10.0, **kwargs)
 
 
 def test_sample_properties_over_many_cases():
@@ -75,6 +85,10 @@ def test_sample_properties_over_many_cases():
         start = rng.uniform(0, duration * 0.9)
         end = rng.choice([-1.0, rng.uniform(start + 1e-3, duration * 1.5)])
         fps = rng.choice([-1.0, 1.0, 2.5, 7.0, native, 2 * native])
+        if fps > native:
+            with pytest.raises(I2VEditError, match="above the video's frame rate"):
+                sample_frame_indices(num_frames, native, start, end, fps)
+            continue
         eff_end = duration if end == -1 else min(duration, end)
         eff_fps = native if fps == -1 else fps
         expected = int((eff_end - start) * eff_fps)

@@ -8,11 +8,25 @@ import shutil
 import pytest
 import torch
 
+from i2vedit.control import MatchConfig
 from i2vedit.errors import I2VEditError
 from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
 from i2vedit.pipeline import EditSettings, edit_frames, edit_video
 
 SETTINGS = EditSettings(chunk=4, steps=3, lora_steps=2, lora_rank=4)
+
+
+def stored_edit(reuse, clip: int, key: str):
+    """The reuse folder's file of one clip of the edit whose first-clip key is ``key``."""
+    from safetensors import safe_open
+
+    found = []
+    for path in sorted((reuse / f"clip_{clip:03d}").glob("edit_*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("edit_key") == key:
+                found.append(path)
+    assert len(found) == 1, found
+    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +55,9 @@ def test_a_two_clip_edit_keeps_the_frame_count_and_stitches_the_overlap_once(ful
 
     for e, video in enumerate(result.videos):
         assert video.shape == (7, 64, 128, 3) and result.masks[e].shape == (7, 64, 128)
-        clip0 = load_file(str(reuse / "clip_000" / f"edit_{e:02d}.safetensors"))["frames"]
-        clip1 = load_file(str(reuse / "clip_001" / f"edit_{e:02d}.safetensors"))["frames"]
+        key = result.report["edit_keys"][e]
+        clip0 = load_file(str(stored_edit(reuse, 0, key)))["frames"]
+        clip1 = load_file(str(stored_edit(reuse, 1, key)))["frames"]
         assert torch.equal(video[:4], clip0) and torch.equal(video[4:], clip1[1:])
     assert not torch.equal(result.videos[0], result.videos[1])
 
@@ -60,7 +75,7 @@ def test_resume_at_the_second_clip_equals_an_uninterrupted_run(host, video, full
     resumed = edit_video(host, frames, 8.0, edits, SETTINGS, reuse_dir=tmp_path)
     assert resumed.report["calls"].get("invert") == 1 and resumed.report["calls"].get("lora") == 1
     for a, b in zip(resumed.videos, result.videos):
-        assert (a - b).abs().max() < 1e-5
+        assert torch.equal(a, b)  # bit for bit: the inversion's float64 σ come back as saved
 
 
 def test_the_same_seed_gives_the_same_video(host, video, full_run):
@@ -119,3 +134,178 @@ def test_cache_mode_resumes_from_a_reuse_folder_and_equals_recompute(host, video
     resumed = edit_video(host, frames, 8.0, edits, cached, reuse_dir=tmp_path)
     for a, b in zip(resumed.videos, result.videos):
         assert (a - b).abs().max() < 1e-5
+
+
+ONE = EditSettings(chunk=4, steps=2, lora_steps=2, lora_rank=4)
+
+
+@pytest.fixture(scope="module")
+def fresh_runs(host, video):
+    """Each edited frame alone, with no reuse folder: what any reuse must give back bit for bit."""
+    frames, edits = video
+    return [edit_video(host, frames, 8.0, [e], ONE) for e in edits]
+
+
+def test_another_edited_frame_in_the_same_folder_is_edited_anew_and_both_edits_stay(
+    host, video, fresh_runs, tmp_path
+):
+    """Edits were stored by position: a second run with another edited frame got the first run's video."""
+    frames, (a, b) = video
+    run_a = edit_video(host, frames, 8.0, [a], ONE, reuse_dir=tmp_path)
+    assert torch.equal(run_a.videos[0], fresh_runs[0].videos[0])
+    run_b = edit_video(host, frames, 8.0, [b], ONE, reuse_dir=tmp_path)
+    assert torch.equal(run_b.videos[0], fresh_runs[1].videos[0])
+    assert not torch.equal(run_b.videos[0], run_a.videos[0])
+    calls = run_b.report["calls"]
+    assert "invert" not in calls and "lora" not in calls and calls["denoise"] == 2
+    again = edit_video(host, frames, 8.0, [a], ONE, reuse_dir=tmp_path)
+    assert "denoise" not in again.report["calls"] and "invert" not in again.report["calls"]
+    assert torch.equal(again.videos[0], run_a.videos[0])
+    # another preset (matching settings) is another edit too
+    style = EditSettings(**{**ONE.__dict__, "match": MatchConfig.preset("style")})
+    styled = edit_video(host, frames, 8.0, [a], style, reuse_dir=tmp_path)
+    assert styled.report["calls"]["denoise"] == 2 and "lora" not in styled.report["calls"]
+    assert torch.equal(styled.videos[0], edit_video(host, frames, 8.0, [a], style).videos[0])
+
+
+def test_a_damaged_stored_edit_is_recomputed_with_a_warning_and_nothing_else_is(
+    host, video, fresh_runs, tmp_path
+):
+    frames, (a, _) = video
+    first = edit_video(host, frames, 8.0, [a], ONE, reuse_dir=tmp_path)
+    damaged = stored_edit(tmp_path, 1, first.report["edit_keys"][0])
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    again = edit_video(host, frames, 8.0, [a], ONE, reuse_dir=tmp_path)
+    assert again.report["calls"]["denoise"] == 1 and "lora" not in again.report["calls"]
+    assert any("damaged" in w and damaged.name in w for w in again.report["warnings"])
+    assert torch.equal(again.videos[0], fresh_runs[0].videos[0])
+
+
+def test_files_swapped_between_clip_folders_are_refused(host, video, tmp_path):
+    frames, (a, _) = video
+    edit_video(host, frames, 8.0, [a], ONE, reuse_dir=tmp_path)
+    inv0, inv1 = (
+        tmp_path / "clip_000" / "inversion.safetensors",
+        tmp_path / "clip_001" / "inversion.safetensors",
+    )
+    data0 = inv0.read_bytes()
+    inv0.write_bytes(inv1.read_bytes())
+    inv1.write_bytes(data0)
+    with pytest.raises(I2VEditError, match=r"made for clip 1 .*changed by hand"):
+        edit_video(host, frames, 8.0, [a], ONE, reuse_dir=tmp_path)
+    inv1.write_bytes(inv0.read_bytes())
+    inv0.write_bytes(data0)
+    lora0, lora1 = tmp_path / "clip_000" / "lora.safetensors", tmp_path / "clip_001" / "lora.safetensors"
+    lora0.write_bytes(lora1.read_bytes())
+    with pytest.raises(I2VEditError, match=r"made for clip 1 .*Delete that file"):
+        edit_video(host, frames, 8.0, [a], ONE, reuse_dir=tmp_path)
+    assert not (tmp_path / ".lock").exists(), "a refused run gives the folder back"
+
+
+def test_a_folder_in_use_is_refused_and_a_stale_lock_is_taken_over(host, video, tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    frames, (a, _) = video
+    tiny = EditSettings(chunk=4, steps=2, lora_steps=0, match=None)
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(I2VEditError, match=r"in use by another run .*process"):
+        edit_video(host, frames, 8.0, [a], tiny, reuse_dir=tmp_path)
+    assert lock.exists(), "another run's lock is left alone"
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock.write_text(json.dumps({"pid": int(ended.stdout), "host": socket.gethostname(), "started": "then"}))
+    out = edit_video(host, frames, 8.0, [a], tiny, reuse_dir=tmp_path)
+    assert any("has ended" in w for w in out.report["warnings"])
+    assert not lock.exists()
+
+
+def test_ctrl_c_during_lora_training_resumes_mid_training_and_equals_an_uninterrupted_run(
+    host, video, fresh_runs, tmp_path
+):
+    frames, (a, _) = video
+    settings = EditSettings(**{**ONE.__dict__, "lora_steps": 4})
+    whole = edit_video(host, frames, 8.0, [a], settings)
+
+    def interrupt(info):
+        if info["stage"] == "lora" and info["clip"] == 1 and info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        edit_video(host, frames, 8.0, [a], settings, reuse_dir=tmp_path, step_callback=interrupt)
+    assert (tmp_path / "clip_001" / "lora_checkpoints" / "checkpoint-00003.safetensors").is_file()
+    assert not (tmp_path / ".lock").exists()
+    steps = []
+    resumed = edit_video(host, frames, 8.0, [a], settings, reuse_dir=tmp_path,
+                         step_callback=lambda i: steps.append((i["clip"], i["stage"], i.get("step"))))  # fmt: skip
+    assert [s for s in steps if s[1] == "lora"] == [(1, "lora", 4)]
+    assert torch.equal(resumed.videos[0], whole.videos[0])
+    assert not (tmp_path / "clip_001" / "lora_checkpoints").exists()
+
+
+def test_a_model_that_gives_nan_stops_the_run_and_stores_nothing(video, tmp_path):
+    frames, (a, _) = video
+    broken = build_tiny_diffusers_host(seed=0)
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(I2VEditError, match="non-finite"):
+        edit_video(broken, frames, 8.0, [a], ONE, reuse_dir=tmp_path)
+    assert not list(tmp_path.glob("clip_*/*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"cfg": (1.0, float("nan"))}, "CFG"),
+        ({"cfg": (1.0, float("inf"))}, "CFG"),
+        ({"cfg": (1.0, 1e6)}, "CFG"),
+        ({"steps": 100_000_000}, "denoising steps"),
+        ({"lora_steps": 10**9}, "LoRA steps"),
+        ({"chunk": 10_000}, "clip length"),
+        ({"seed": -1}, "seed"),
+        ({"sarp_noise": float("nan")}, "SARP"),
+        ({"lora_lr": float("inf")}, "learning rate"),
+    ],
+)
+def test_settings_that_are_not_finite_or_out_of_range_are_refused(change, message):
+    with pytest.raises(I2VEditError, match=message):
+        EditSettings(**{**ONE.__dict__, **change}).validate()
+
+
+def test_frames_or_edits_with_nan_are_refused_before_any_model_call(host, video):
+    frames, (a, _) = video
+    bad = frames.clone()
+    bad[2, 3, 4, 0] = float("nan")
+    with pytest.raises(I2VEditError, match="NaN"):
+        edit_video(host, bad, 8.0, [a], ONE)
+    with pytest.raises(I2VEditError, match="edited frame 0 holds NaN"):
+        edit_video(host, frames, 8.0, [a * float("nan")], ONE)
+    with pytest.raises(I2VEditError, match="frame rate"):
+        edit_video(host, frames, float("nan"), [a], ONE)
+
+
+def test_a_two_clip_edit_holds_at_most_one_unet_copy_beyond_the_users(video):
+    """Every LoRA host and trainer deep-copied the UNet: three or four UNets were alive in a 2-clip edit."""
+    import gc
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    frames, (a, _) = video
+    user = build_tiny_diffusers_host(seed=0)
+
+    def unets() -> int:
+        gc.collect()
+        return sum(isinstance(o, UNetSpatioTemporalConditionModel) for o in gc.get_objects())
+
+    base = unets()
+    seen = []
+    edit_video(
+        user, frames, 8.0, [a], ONE, step_callback=lambda i: seen.append((i["clip"], i["stage"], unets()))
+    )
+    assert {(c, s) for c, s, _ in seen} >= {(0, "lora"), (1, "lora"), (1, "denoise")}
+    assert max(n for *_, n in seen) == base + 1
