@@ -365,6 +365,12 @@ def video_clip_ranges(frames: int, settings: EditSettings) -> list[tuple[int, in
     return C.clip_ranges(frames, min(settings.chunk, frames), settings.overlap) if frames > 1 else [(0, 1)]
 
 
+def training_hw(height: int, width: int, settings: EditSettings) -> tuple[int, int]:
+    """The size ``edit_video`` trains LoRAs at: ``settings.train_size``, else about 512×896, never above the video."""
+    hw = settings.train_size or training_size(height, width)
+    return (height, width) if hw[0] * hw[1] > height * width else (int(hw[0]), int(hw[1]))
+
+
 def _check_inputs(frames: torch.Tensor, fps: float, edits: list[torch.Tensor]) -> tuple[int, int, int]:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise I2VEditError(f"frames must be an IMAGE batch (N, H, W, 3), got {tuple(frames.shape)}.")
@@ -414,9 +420,7 @@ def edit_video(
         "format": FORMAT, "video": _digest(frames), "model": fingerprint, "settings": settings.identity(),
         "frames": n, "size": [height, width],
     }  # fmt: skip
-    train_hw = settings.train_size or training_size(height, width)
-    if train_hw[0] * train_hw[1] > height * width:
-        train_hw = (height, width)
+    train_hw = training_hw(height, width, settings)
     C.check_size(*train_hw)
     keys = [edit_key(img, settings) for img in edits]
     reuse = ReuseFolder(reuse_dir, identity) if reuse_dir is not None else None

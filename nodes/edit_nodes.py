@@ -15,7 +15,6 @@ from ..i2vedit.control import PRESETS, MatchConfig
 from ..i2vedit.errors import I2VEditError
 from ..i2vedit.hosts.base import LATENT_SCALE
 from ..i2vedit.lora_file import check_lora_name
-from ..i2vedit.lora_train import training_size
 from ..i2vedit.matched import EditKV, MatchedClip, SourceKV
 from ..i2vedit.pipeline import EditSettings, edit_frames, video_clip_ranges
 from ..i2vedit.stages import SEED_CONDITION, denoise_time_ids, edit_conditioning, generator
@@ -46,13 +45,6 @@ PRESET_TOOLTIP = (
     "that change shapes; off = plain denoising from the inversion."
 )
 FPS_TOOLTIP = "The clip's frame rate (SVD's fps conditioning is this minus one)."
-
-
-def pipeline_training_size(size: tuple[int, int]) -> tuple[int, int]:
-    """The LoRA training size ``edit_video`` picks for generation size ``size`` (h, w) without a set one."""
-    rule = getattr(P, "training_size", training_size)  # the name edit_video calls, if it still has it
-    train = rule(*size)
-    return tuple(size) if train[0] * train[1] > size[0] * size[1] else tuple(train)
 
 
 def train_res_inversion_runs(
@@ -383,7 +375,9 @@ class EditVideo(io.ComfyNode):
         n = frames.shape[0]
         clips = len(video_clip_ranges(n, settings))
         size = C.fit_size(frames.shape[1], frames.shape[2], max_side)
-        train_res = train_res_inversion_runs(clips, lora_steps, size, pipeline_training_size(size), True)
+        train_res = train_res_inversion_runs(
+            clips, lora_steps, size, P.training_hw(*size, settings), settings.skip_interval
+        )
         progress = VideoProgress(clip_step_counts(clips, steps, edits.shape[0], lora_steps, train_res), model)
         result = edit_frames(host, frames, fps, [edits[i : i + 1] for i in range(edits.shape[0])], settings,
                              size=size, resize_mode=resize_mode, reuse_dir=reuse, step_callback=progress.step,
