@@ -46,7 +46,7 @@ def sample_frame_indices(
         raise I2VEditError(f"start time {start_t} s is negative; use a start time of 0 s or later.")
     if sample_fps > native_fps * (1 + 1e-6):
         raise I2VEditError(
-            f"sample fps {sample_fps:g} is above the video's frame rate ({native_fps:g} fps), so frames would be "
+            f"sample fps {sample_fps:g} is above the frame rate of the video ({native_fps:g} fps), so frames would be "
             f"repeated; use a sample fps of at most {native_fps:g}, or -1 for the video's own rate."
         )
     if sample_fps != -1 and not sample_fps > 0:

@@ -330,11 +330,17 @@ def train_motion_lora(
             _checkpoint_path(ckpt_dir, steps), trainer, optimizer, replace(meta, steps=steps)
         )
 
+    def keep_progress() -> Path | None:
+        """On an interruption: the steps done since the start as a checkpoint, to resume from."""
+        if ckpt_dir is None or done == start:
+            return last_ckpt
+        path = _checkpoint_path(ckpt_dir, done)
+        return path if path.is_file() else checkpoint(done)
+
     try:
         for step in range(start, config.steps):
             if should_stop is not None and should_stop():
-                if ckpt_dir is not None and done > start and not _checkpoint_path(ckpt_dir, done).is_file():
-                    last_ckpt = checkpoint(done)
+                last_ckpt = keep_progress()
                 weights = replace(meta, modules=trainer.export(), steps=step)
                 return TrainResult(weights, step, losses, interrupted=True, checkpoint=last_ckpt)
             draws = draw_step(config.seed, step, tuple(latents.shape))
@@ -372,10 +378,9 @@ def train_motion_lora(
     except (KeyboardInterrupt, I2VEditError, RuntimeError) as e:
         # Interrupted (Ctrl-C, a callback that stops the run, an error of the model call): keep the
         # steps done so far as a checkpoint, so the same run resumes there instead of at step 0.
-        keep = ckpt_dir is not None and done > start and not isinstance(e, LoRATrainingError)
-        if keep and not _checkpoint_path(ckpt_dir, done).is_file():
+        if not isinstance(e, LoRATrainingError):
             try:
-                checkpoint(done)
+                keep_progress()
             except Exception as save_error:  # the first error is the one to report
                 log.warning("could not keep the LoRA checkpoint at step %d: %s", done, save_error)
         raise

@@ -451,7 +451,6 @@ class _Run:
         self.reuse, self.train_hw, self.ranges = reuse, train_hw, ranges
         self.should_stop, self.step_callback = should_stop, step_callback
         self.size = tuple(frames.shape[1:3])
-        self.fingerprint = host.fingerprint()
         self.timer = _Timer(progress, len(ranges))
         self.denoise_ids = denoise_time_ids(fps)
         self.cache_kv = settings.mode == "cache" and settings.skip_interval
@@ -515,7 +514,7 @@ class _Run:
             reuse.warn(f"{path} cannot be used ({e}); recomputing it.")
             return None
         reuse.check_clip(path, meta, i, span)
-        inv.fingerprint = self.fingerprint  # the manifest already proved the model
+        inv.fingerprint = reuse.identity["model"]  # the manifest already proved the model
         return inv
 
     def _stored_lora(self, i: int, span: tuple[int, int]) -> LoRAWeights | None:

@@ -167,11 +167,6 @@ def read_video(
         raise I2VEditError(f"max frames {max_frames} is below 1; use at least 1, or None for no limit.")
     _check_times(start_t, end_t, sample_fps)
     info = probe_video(path)
-    if sample_fps != -1 and sample_fps > info.fps * (1 + 1e-6):
-        raise I2VEditError(
-            f"sample fps {sample_fps:g} is above the frame rate of {path} ({info.fps:g} fps), so frames would "
-            f"be repeated; use a sample fps of at most {info.fps:g}, or -1 for the video's own rate."
-        )
     indices = sample_frame_indices(info.num_frames, info.fps, start_t, end_t, sample_fps)
     if max_frames is not None:
         indices = indices[:max_frames]

@@ -64,7 +64,7 @@ def test_sample_end_past_video_is_clamped_to_duration():
 
 def test_sample_fps_above_native_is_refused_instead_of_repeating_frames():
     """24 fps on an 8 fps source used to triple every frame without a word (nodes and CLI alike)."""
-    with pytest.raises(I2VEditError, match=r"above the video's frame rate \(5 fps\)"):
+    with pytest.raises(I2VEditError, match=r"above the frame rate of the video \(5 fps\)"):
         sample_frame_indices(5, 5.0, sample_fps=10.0)
     assert sample_frame_indices(5, 5.0, sample_fps=5.0) == [0, 1, 2, 3, 4]
     assert len(sample_frame_indices(300, 30000 / 1001, sample_fps=30000 / 1001)) == 300
@@ -86,7 +86,7 @@ def test_sample_properties_over_many_cases():
         end = rng.choice([-1.0, rng.uniform(start + 1e-3, duration * 1.5)])
         fps = rng.choice([-1.0, 1.0, 2.5, 7.0, native, 2 * native])
         if fps > native:
-            with pytest.raises(I2VEditError, match="above the video's frame rate"):
+            with pytest.raises(I2VEditError, match="above the frame rate of the video"):
                 sample_frame_indices(num_frames, native, start, end, fps)
             continue
         eff_end = duration if end == -1 else min(duration, end)
