@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .control import PRESETS, MatchConfig
 from .errors import I2VEditError, ModelFileError
-from .files import atomic_write, writable_folder, write_text_atomic
+from .io.files import atomic_write, writable_folder, write_text_atomic
+from .method.controller import PRESETS, MatchConfig
 
 DEMO_SIZE = (128, 192)
 DEMO_FRAMES = 10
@@ -113,9 +113,9 @@ def _export_loras(reuse: Path, out: Path) -> list[str]:
 
 def run_demo(out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Every stage on a tiny random SVD: no downloads. Writes videos, comparison, LoRAs and a report."""
-    from .hosts.diffusers_host import build_tiny_diffusers_host, sharpen_self_attention
-    from .pipeline import EditSettings, edit_frames
-    from .video_io import write_video
+    from .hosts.diffusers.host import build_tiny_diffusers_host, sharpen_self_attention
+    from .io.video import write_video
+    from .run.pipeline import EditSettings, edit_frames
 
     out_dir = writable_folder(out)
     t0 = time.perf_counter()
@@ -223,7 +223,7 @@ def check_model_path(model: str | Path) -> Path:
                 "checkpoint (svd.safetensors / svd_xt.safetensors) or a diffusers SVD folder (unet/, vae/, "
                 "image_encoder/). Pickle checkpoints (.ckpt, .pt) are not loaded, because unpickling can run code."
             )
-        from .hosts.single_file import check_single_file
+        from .hosts.diffusers.single_file import check_single_file
 
         return check_single_file(p)
     missing = [s for s in ("unet", "vae", "image_encoder") if not (p / s).is_dir()]
@@ -241,14 +241,14 @@ def load_diffusers_host(model: str | Path, dtype: torch.dtype = torch.float32):
     (``svd.safetensors`` / ``svd_xt.safetensors``), loaded from disk only."""
     p = check_model_path(model)
     if p.is_file():
-        from .hosts.single_file import load_single_file
+        from .hosts.diffusers.single_file import load_single_file
 
         return load_single_file(p, dtype=dtype)
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from safetensors import SafetensorError
     from transformers import CLIPVisionModelWithProjection
 
-    from .hosts.diffusers_host import DiffusersSVDHost
+    from .hosts.diffusers.host import DiffusersSVDHost
 
     kw = {"local_files_only": True, "use_safetensors": True}
     parts = {}
@@ -388,9 +388,9 @@ def _reuse_dir(args: argparse.Namespace) -> Path:
 
 
 def run_edit(args: argparse.Namespace) -> dict[str, Any]:
-    from .clips import fit_size
-    from .pipeline import EditSettings, edit_frames
-    from .video_io import read_video, write_video
+    from .io.frames import fit_size
+    from .io.video import read_video, write_video
+    from .run.pipeline import EditSettings, edit_frames
 
     out_dir = writable_folder(args.out)
     _check_input_file(args.video, "video", "a video file (mp4, mov, ...)")
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "bench":
-            from . import bench
+            from .tools import bench
 
             result = bench.bench_attention(reps=args.reps) if args.what == "attention" else bench.bench_lora()
         elif args.command == "demo":

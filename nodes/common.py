@@ -16,12 +16,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..i2vedit.clips import ResizePlan
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.hosts.comfy_host import ComfySVDHost
-from ..i2vedit.inversion import Inversion
-from ..i2vedit.lora_file import check_lora_name
-from ..i2vedit.matched import EditKV, MatchedClip, MatchedResult, SourceKV
+from ..i2vedit.hosts.comfy.host import ComfySVDHost
+from ..i2vedit.io.frames import ResizePlan
+from ..i2vedit.lora.file import check_lora_name
+from ..i2vedit.method.inversion import Inversion
+from ..i2vedit.method.matching import EditKV, MatchedClip, MatchedResult, SourceKV
 
 CATEGORY = "I2VEdit"
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..i2vedit import clips as C
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.hosts.base import LATENT_SCALE
-from ..i2vedit.inversion import invert
-from ..i2vedit.pipeline import EditSettings
-from ..i2vedit.stages import (
+from ..i2vedit.host import LATENT_SCALE
+from ..i2vedit.io import frames as C
+from ..i2vedit.method.inversion import invert
+from ..i2vedit.run.pipeline import EditSettings
+from ..i2vedit.run.stages import (
     SEED_ENCODE,
     encode_source,
     generator,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..i2vedit import sarp
+from ..i2vedit.method import sarp
 
 CATEGORY = "I2VEdit"
 

@@ -7,8 +7,8 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
-from ..i2vedit import clips as C
 from ..i2vedit.errors import I2VEditError
+from ..i2vedit.io import frames as C
 from .common import CATEGORY, ResizeInfo, check_frames, check_resize
 
 log = logging.getLogger("i2vedit")

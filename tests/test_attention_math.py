@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from i2vedit import attention as A
-from i2vedit.control import (
+from i2vedit.errors import I2VEditError
+from i2vedit.method import attention as A
+from i2vedit.method.controller import (
     STAGE2_LAYERS,
     AttentionController,
     AttnCall,
@@ -18,8 +19,7 @@ from i2vedit.control import (
     paired_step,
     temporal_injection_layers,
 )
-from i2vedit.errors import I2VEditError
-from i2vedit.layers import POSITIONS
+from i2vedit.svd import POSITIONS
 
 
 def _qkv(frames, tokens, heads, d, seed, scale=3.0):

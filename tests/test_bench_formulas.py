@@ -1,6 +1,6 @@
 """The byte formulas the attention benchmark scales with, checked against method.md §6 and §8.1."""
 
-from i2vedit import bench
+from i2vedit.tools import bench
 
 GIB = 2**30
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from i2vedit import cli, pipeline
+from i2vedit import cli
 from i2vedit.cli import build_parser, main, output_names
 from i2vedit.errors import ModelFileError
-from i2vedit.pipeline import EditSettings
-from i2vedit.video_io import write_video
+from i2vedit.io.video import write_video
+from i2vedit.run import pipeline
+from i2vedit.run.pipeline import EditSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ def test_edit_fails_clearly_before_computing(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_host():
-    from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
+    from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
 
     return build_tiny_diffusers_host(seed=0)
 
@@ -302,7 +303,7 @@ def test_a_single_file_with_a_tensor_of_the_wrong_rank_is_named(tmp_path, tiny_h
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from i2vedit.hosts.single_file import write_single_file
+    from i2vedit.hosts.diffusers.single_file import write_single_file
 
     good = write_single_file(tiny_host, tmp_path / "good.safetensors")
     with safe_open(str(good), "pt") as f:
@@ -334,7 +335,7 @@ def test_generation_sizes_svd_cannot_use_are_refused_before_reading_the_video(
     def no_reading(*a, **kw):
         raise AssertionError("the video was read before the size was checked")
 
-    monkeypatch.setattr("i2vedit.video_io.read_video", no_reading)
+    monkeypatch.setattr("i2vedit.io.video.read_video", no_reading)
     assert main(_edit(tmp_path, svd_folder, *args)) == 2
     err = _one_line_error(capsys)
     assert fragment in err and "576 1024" in err

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from i2vedit.clips import (
+from i2vedit.errors import I2VEditError
+from i2vedit.io.frames import (
     ResizePlan,
     check_size,
     clip_ranges,
@@ -20,7 +21,6 @@ from i2vedit.clips import (
     to_signed,
     valid_size,
 )
-from i2vedit.errors import I2VEditError
 
 
 def smooth_frames(f: int, h: int, w: int) -> torch.Tensor:

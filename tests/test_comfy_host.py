@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import align_groupnorm_eps
 
-from i2vedit import samplers, schedules
 from i2vedit.errors import NotSVDModelError
-from i2vedit.hosts.base import LATENT_SCALE, SVDCond, TimeIds, cfg_ramp
-from i2vedit.layers import POSITIONS
+from i2vedit.host import LATENT_SCALE, SVDCond, TimeIds, cfg_ramp
+from i2vedit.method import samplers, schedules
+from i2vedit.svd import POSITIONS
 
 pytestmark = pytest.mark.usefixtures("comfy")
 F, h, w = 5, 8, 12
@@ -15,7 +15,7 @@ F, h, w = 5, 8, 12
 
 @pytest.fixture(scope="module")
 def hosts(comfy, tiny_diffusers_host):
-    from i2vedit.hosts.comfy_host import build_tiny_comfy_host
+    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
 
     return build_tiny_comfy_host(seed=0, with_vae=True), tiny_diffusers_host
 
@@ -33,8 +33,8 @@ def test_full_size_svd_goes_through_comfy_model_detection(comfy):
     import comfy.supported_models
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from i2vedit.hosts.comfy_host import build_svd_patcher
-    from i2vedit.hosts.keymap import comfy_to_diffusers
+    from i2vedit.hosts.comfy.host import build_svd_patcher
+    from i2vedit.svd import comfy_to_diffusers
 
     patcher = build_svd_patcher(device="meta")
     unet = patcher.model.diffusion_model
@@ -60,8 +60,8 @@ def test_detected_full_size_model_gets_16_plus_16_attention_patches_and_lora_tar
     import comfy.model_detection
     import comfy.model_patcher
 
-    from i2vedit.hosts.comfy_host import ComfySVDHost, build_svd_patcher
-    from i2vedit.lora_targets import lora_param_count, target_shapes
+    from i2vedit.hosts.comfy.host import ComfySVDHost, build_svd_patcher
+    from i2vedit.lora.targets import lora_param_count, target_shapes
 
     sd = build_svd_patcher(device="meta").model.diffusion_model.state_dict()
     config = comfy.model_detection.model_config_from_unet(
@@ -119,7 +119,7 @@ def test_inversion_runs_as_a_stock_ksampler(hosts, cond):
         seen.append(extra_args["model_options"]["transformer_options"]["i2v_phase"])
         return out
 
-    from i2vedit.hosts.comfy_host import to_conditioning
+    from i2vedit.hosts.comfy.host import to_conditioning
 
     stock = comfy.sample.sample_custom(
         comfy_host.patcher, torch.zeros_like(z0), 1.0, comfy.samplers.KSAMPLER(recording_inversion), sig,
@@ -148,7 +148,7 @@ def test_a_model_that_is_not_svd_is_rejected(comfy):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from i2vedit.hosts.comfy_host import ComfySVDHost
+    from i2vedit.hosts.comfy.host import ComfySVDHost
 
     sd15 = comfy.supported_models.SD15(
         {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from i2vedit import samplers, schedules
 from i2vedit.errors import I2VEditError
-from i2vedit.hosts.base import LATENT_SCALE, CFGDenoiser, SVDCond, SVDHost, TimeIds, cfg_ramp
-from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
+from i2vedit.host import LATENT_SCALE, CFGDenoiser, SVDCond, SVDHost, TimeIds, cfg_ramp
+from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+from i2vedit.method import samplers, schedules
 
 F, H, W = 5, 64, 96
 
@@ -159,8 +159,8 @@ def test_the_attention_controller_is_let_go_after_a_call_and_after_a_failing_cal
     import gc
     import weakref
 
-    from i2vedit.control import AttentionController
-    from i2vedit.inversion import step_options
+    from i2vedit.method.controller import AttentionController
+    from i2vedit.method.inversion import step_options
 
     h, z0, cond = setup
     ctrl = AttentionController({"kv"})

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from i2vedit.errors import I2VEditError, LoRAFileError
-from i2vedit.files import atomic_write, save_safetensors_atomic, write_text_atomic
-from i2vedit.lora_file import LoRAPair, LoRAWeights, save_lora
-from i2vedit.video_io import probe_video, write_video
+from i2vedit.io.files import atomic_write, save_safetensors_atomic, write_text_atomic
+from i2vedit.io.video import probe_video, write_video
+from i2vedit.lora.file import LoRAPair, LoRAWeights, save_lora
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX file modes and umask")
 

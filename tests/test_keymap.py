@@ -7,14 +7,14 @@ import torch
 from diffusers import UNetSpatioTemporalConditionModel
 
 from i2vedit.errors import I2VEditError
-from i2vedit.hosts.keymap import (
+from i2vedit.svd import (
+    POSITIONS,
     comfy_to_diffusers,
     comfy_to_diffusers_key,
     diffusers_to_comfy,
     diffusers_to_comfy_key,
     strip_prefix,
 )
-from i2vedit.layers import POSITIONS
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ import pytest
 import torch
 from conftest import align_groupnorm_eps
 
-from i2vedit.control import CONTROLLER_KEY, AttentionController
 from i2vedit.errors import LoRAError
-from i2vedit.hosts.base import LATENT_SCALE, SVDCond, TimeIds
-from i2vedit.lora_file import LoRAPair, LoRAWeights, load_lora, save_lora
-from i2vedit.lora_train import (
+from i2vedit.host import LATENT_SCALE, SVDCond, TimeIds
+from i2vedit.lora.file import LoRAPair, LoRAWeights, load_lora, save_lora
+from i2vedit.lora.train import (
     LoRATrainingError,
     TrainConfig,
     draw_step,
@@ -29,6 +28,7 @@ from i2vedit.lora_train import (
     objective,
     train_motion_lora,
 )
+from i2vedit.method.controller import CONTROLLER_KEY, AttentionController
 
 pytestmark = pytest.mark.usefixtures("comfy")
 F, H, W = 4, 8, 16
@@ -102,7 +102,7 @@ def comfy_nodes():
 
 @pytest.fixture(scope="module")
 def comfy_host(comfy):
-    from i2vedit.hosts.comfy_host import build_tiny_comfy_host
+    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
 
     return build_tiny_comfy_host(seed=0)
 
@@ -123,7 +123,7 @@ def x_in():
 @pytest.fixture(scope="module")
 def trained(comfy_host, cond, x_in):
     """40 AdamW steps (rank 8, lr 1e-2, dropout 0.1) on the smooth clip, with everything around it recorded."""
-    from i2vedit.hosts.comfy_lora import ComfyLoRATrainer
+    from i2vedit.hosts.comfy.lora import ComfyLoRATrainer
 
     state, pstate = base_state(comfy_host), patcher_state(comfy_host.patcher)
     user_out = comfy_host.denoise(x_in * 2, 2.0, [cond])
@@ -150,8 +150,8 @@ def trained(comfy_host, cond, x_in):
 
 
 def test_initial_lora_and_names_equal_the_diffusers_trainers(comfy_host, tiny_diffusers_host):
-    from i2vedit.hosts.comfy_lora import ComfyLoRATrainer
-    from i2vedit.hosts.diffusers_lora import DiffusersLoRATrainer
+    from i2vedit.hosts.comfy.lora import ComfyLoRATrainer
+    from i2vedit.hosts.diffusers.lora import DiffusersLoRATrainer
 
     exports = {}
     for target_set, seed in (("temporal", 0), ("temporal_attention", 7)):
@@ -203,8 +203,8 @@ def test_training_denoiser_equals_the_inference_host(trained, cond, x_in):
 def test_saved_lora_loads_through_loraloadermodelonly(trained, comfy_host, cond, x_in, tmp_path, caplog):
     import folder_paths
 
-    from i2vedit.hosts.comfy_host import ComfySVDHost
-    from i2vedit.hosts.comfy_lora import comfy_lora_model
+    from i2vedit.hosts.comfy.host import ComfySVDHost
+    from i2vedit.hosts.comfy.lora import comfy_lora_model
 
     path = save_lora(tmp_path / "motion.safetensors", trained.result.weights)
     folder_paths.add_model_folder_path("loras", str(tmp_path))
@@ -235,8 +235,8 @@ def test_saved_lora_loads_through_loraloadermodelonly(trained, comfy_host, cond,
 def test_same_file_gives_the_same_output_in_the_diffusers_host(
     trained, comfy_host, tiny_diffusers_host, cond, x_in
 ):
-    from i2vedit.hosts.comfy_lora import comfy_lora_host
-    from i2vedit.hosts.diffusers_lora import diffusers_lora_host
+    from i2vedit.hosts.comfy.lora import comfy_lora_host
+    from i2vedit.hosts.diffusers.lora import diffusers_lora_host
 
     weights = trained.result.weights
     ours = comfy_lora_host(comfy_host, weights)
@@ -256,8 +256,8 @@ def test_same_file_gives_the_same_output_in_the_diffusers_host(
 def test_branch_dropout_is_the_authors_and_off_means_no_correction(
     comfy_host, tiny_diffusers_host, cond, x_in
 ):
-    from i2vedit.hosts.comfy_lora import ComfyLoRATrainer
-    from i2vedit.hosts.diffusers_lora import DiffusersLoRATrainer
+    from i2vedit.hosts.comfy.lora import ComfyLoRATrainer
+    from i2vedit.hosts.diffusers.lora import DiffusersLoRATrainer
 
     ours = ComfyLoRATrainer(comfy_host, rank=RANK, dropout=0.3)
     plain = ComfyLoRATrainer(comfy_host, rank=RANK, dropout=0.0)
@@ -284,8 +284,8 @@ def test_branch_dropout_is_the_authors_and_off_means_no_correction(
 
 def test_training_inside_inference_mode(comfy_host):
     """As in a node: the MODEL was loaded under inference mode, the training node switches it off."""
-    from i2vedit.hosts.comfy_host import build_tiny_comfy_host
-    from i2vedit.hosts.comfy_lora import ComfyLoRATrainer
+    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
+    from i2vedit.hosts.comfy.lora import ComfyLoRATrainer
 
     latents, first, embed = smooth_clip()
     config = TrainConfig(rank=RANK, steps=3, lr=1e-2, dropout=0.1, seed=0)
@@ -320,7 +320,7 @@ class _FixedKV:
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(comfy_host, monkeypatch):
-    from i2vedit.hosts.comfy_lora import ComfyLoRATrainer
+    from i2vedit.hosts.comfy.lora import ComfyLoRATrainer
 
     latents, first, embed = smooth_clip()
     config = TrainConfig(rank=RANK, steps=1, dropout=0.1)
@@ -364,7 +364,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(comfy_host, monkeypatch
 
 
 def test_divergence_raises_with_the_last_good_lora_and_a_loadable_checkpoint(comfy_host, tmp_path):
-    from i2vedit.hosts.comfy_lora import ComfyLoRATrainer
+    from i2vedit.hosts.comfy.lora import ComfyLoRATrainer
 
     latents, first, embed = smooth_clip()
     # An absurd learning rate: one AdamW step makes U·D overflow float32 in the next forward.
@@ -406,7 +406,7 @@ def test_divergence_raises_with_the_last_good_lora_and_a_loadable_checkpoint(com
 def test_comfy_lora_model_names_the_keys_comfyui_did_not_load(trained, comfy_host, monkeypatch):
     import comfy.lora
 
-    from i2vedit.hosts.comfy_lora import comfy_lora_model
+    from i2vedit.hosts.comfy.lora import comfy_lora_model
 
     dropped = "input_blocks.1.1.time_stack.0.attn1.to_q"
     real = comfy.lora.model_lora_keys_unet
@@ -422,7 +422,7 @@ def test_comfy_lora_model_names_the_keys_comfyui_did_not_load(trained, comfy_hos
 
 
 def test_comfy_lora_model_refuses_a_lora_that_does_not_fit(trained, comfy_host):
-    from i2vedit.hosts.comfy_lora import comfy_lora_model
+    from i2vedit.hosts.comfy.lora import comfy_lora_model
 
     name, pair = next(iter(trained.result.weights.modules.items()))
     wrong = dict(trained.result.weights.modules)

@@ -12,10 +12,9 @@ from conftest import ROOT
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from i2vedit import lora_file
 from i2vedit.errors import I2VEditError, LoRAError, LoRAFileError
-from i2vedit.layers import POSITIONS
-from i2vedit.lora_file import (
+from i2vedit.lora import file as lora_file
+from i2vedit.lora.file import (
     FORMAT_TAG,
     LoRAPair,
     LoRAWeights,
@@ -26,7 +25,8 @@ from i2vedit.lora_file import (
     save_lora,
     validate_rank,
 )
-from i2vedit.lora_targets import BLOCK_LINEARS, to_comfy_name
+from i2vedit.lora.targets import BLOCK_LINEARS, to_comfy_name
+from i2vedit.svd import POSITIONS
 
 CONTEXT = 16
 
@@ -92,7 +92,7 @@ def test_lora_modules_import_without_any_model_library(tmp_path):
         """
         import sys
         sys.path.insert(0, sys.argv[1])
-        import i2vedit.lora_targets, i2vedit.lora_file
+        import i2vedit.lora.targets, i2vedit.lora.file
         print("HEAVY", [m for m in ("comfy", "diffusers", "transformers", "peft") if m in sys.modules])
         """
     )
@@ -531,7 +531,7 @@ def test_check_lora_fits_reports_rank_target_set_and_missing_layers():
 
 
 def test_check_lora_fits_takes_diffusers_names(tiny_diffusers_host):
-    from i2vedit.lora_targets import target_shapes
+    from i2vedit.lora.targets import target_shapes
 
     dif = target_shapes(tiny_diffusers_host.unet, "temporal", "diffusers")
     w = make_weights({to_comfy_name(n): s for n, s in dif.items()}, rank=8, target_set="temporal")
@@ -565,9 +565,9 @@ def test_comfyui_applies_the_file_as_W_plus_up_down(tmp_path):
     import comfy.sd
     import comfy.utils
 
-    from i2vedit.hosts import tiny
-    from i2vedit.hosts.comfy_host import build_svd_patcher
-    from i2vedit.lora_targets import target_shapes
+    from i2vedit.hosts.comfy.host import build_svd_patcher
+    from i2vedit.hosts.diffusers import tiny
+    from i2vedit.lora.targets import target_shapes
 
     patcher = build_svd_patcher(tiny.MODEL_CHANNELS, tiny.CONTEXT_DIM, tiny.HEAD_DIM, device="cpu")
     unet = patcher.model.diffusion_model

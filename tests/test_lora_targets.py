@@ -5,9 +5,7 @@ import torch
 from diffusers import UNetSpatioTemporalConditionModel
 
 from i2vedit.errors import I2VEditError
-from i2vedit.hosts.keymap import diffusers_to_comfy
-from i2vedit.layers import POSITIONS
-from i2vedit.lora_targets import (
+from i2vedit.lora.targets import (
     BLOCK_LINEARS,
     DEFAULT_TARGET_SET,
     TARGET_SETS,
@@ -21,6 +19,7 @@ from i2vedit.lora_targets import (
     to_comfy_name,
     to_diffusers_name,
 )
+from i2vedit.svd import POSITIONS, diffusers_to_comfy
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from i2vedit.errors import I2VEditError, LoRAError
-from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
-from i2vedit.hosts.diffusers_lora import DiffusersLoRATrainer, diffusers_lora_host
-from i2vedit.lora_file import load_lora, save_lora
-from i2vedit.lora_train import (
+from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+from i2vedit.hosts.diffusers.lora import DiffusersLoRATrainer, diffusers_lora_host
+from i2vedit.lora.file import load_lora, save_lora
+from i2vedit.lora.train import (
     LoRATrainingError,
     TrainConfig,
     draw_step,
@@ -115,8 +115,8 @@ def test_save_then_load_gives_the_same_model_output(host, tmp_path):
 
 
 def trainer_cond(first, emb):
-    from i2vedit.hosts.base import SVDCond
-    from i2vedit.lora_train import TRAIN_TIME_IDS
+    from i2vedit.host import SVDCond
+    from i2vedit.lora.train import TRAIN_TIME_IDS
 
     return SVDCond(emb, first, TRAIN_TIME_IDS)
 
@@ -193,7 +193,7 @@ def test_a_lora_from_another_model_or_target_set_is_refused_with_the_keys(host, 
     wide = build_tiny_diffusers_host(seed=0)
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from i2vedit.hosts.diffusers_host import DiffusersSVDHost, tiny_unet_config
+    from i2vedit.hosts.diffusers.host import DiffusersSVDHost, tiny_unet_config
 
     cfg = tiny_unet_config()
     cfg["block_out_channels"] = tuple(2 * c for c in cfg["block_out_channels"])
@@ -205,9 +205,9 @@ def test_a_lora_from_another_model_or_target_set_is_refused_with_the_keys(host, 
 
 def test_a_kv_source_of_another_model_is_refused_before_the_first_step(host):
     """The check compared the K/V source's fingerprint with itself, so any model's K/V were accepted."""
-    from i2vedit.hosts.base import SVDCond, TimeIds
-    from i2vedit.inversion import invert
-    from i2vedit.matched import SourceKV
+    from i2vedit.host import SVDCond, TimeIds
+    from i2vedit.method.inversion import invert
+    from i2vedit.method.matching import SourceKV
 
     z, first, emb = clip_latents()
     other = build_tiny_diffusers_host(seed=7)

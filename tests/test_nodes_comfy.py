@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     frames = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(0))
     frames[:, 4:12, 4:12] = 0.25
     out = node.execute(frames=frames, noise_scale=0.005, threshold=0.001, seed=3).result
-    core = sys.modules[node.__module__.rsplit(".", 2)[0] + ".i2vedit.sarp"]
+    core = sys.modules[node.__module__.rsplit(".", 2)[0] + ".i2vedit.method.sarp"]
     ref, mask = core.sarp(frames, seed=3)
     assert torch.equal(out[0], ref) and torch.equal(out[1], mask.float()) and mask.any()
     print("LOADED", sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k == "SARPPerturb"))

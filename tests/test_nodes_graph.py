@@ -16,9 +16,9 @@ import torch
 from conftest import sharpen_self_attention
 
 from i2vedit.cli import demo_video
-from i2vedit.control import MatchConfig
-from i2vedit.pipeline import EditSettings, edit_video
-from i2vedit.stages import SEED_SARP, derived_seed, psnr
+from i2vedit.method.controller import MatchConfig
+from i2vedit.run.pipeline import EditSettings, edit_video
+from i2vedit.run.stages import SEED_SARP, derived_seed, psnr
 
 pytestmark = pytest.mark.usefixtures("comfy")
 
@@ -27,7 +27,7 @@ SEED, STEPS, LORA_STEPS, RANK, FPS = 7, 3, 2, 4, 8.0
 
 @pytest.fixture(scope="module")
 def tiny(comfy):
-    from i2vedit.hosts.comfy_host import build_tiny_comfy_host
+    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
 
     return sharpen_self_attention(build_tiny_comfy_host(seed=0, with_vae=True))
 
@@ -93,7 +93,7 @@ def test_single_stage_nodes_equal_the_pipeline_over_two_clips(pack, tiny, video)
 def test_inversion_check_reports_psnr_of_a_plain_euler_reconstruction(pack, tiny, video):
     import comfy.k_diffusion.sampling as kd
 
-    from i2vedit.hosts.base import LATENT_SCALE
+    from i2vedit.host import LATENT_SCALE
 
     frames, _ = video
     clip = frames[:4]
@@ -133,7 +133,7 @@ def test_sample_frames_and_select_clip(pack):
 
 
 def test_bad_inputs_are_refused_before_any_model_call(pack, tiny, video):
-    from i2vedit.hosts.comfy_host import build_tiny_comfy_host
+    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
 
     frames, edited = video
     clip = frames[:4]
@@ -239,7 +239,7 @@ def test_every_input_has_a_tooltip_and_every_node_one_category_root(pack):
 
 def test_a_lora_already_on_the_model_is_refused_before_any_model_call(pack, tiny, video, clip0):
     """Train Motion LoRA's MODEL output, or stock LoraLoaderModelOnly with the saved file, plus the same 'lora'."""
-    from i2vedit.lora_file import LoRAPair
+    from i2vedit.lora.file import LoRAPair
 
     comfy_nodes = importlib.import_module("nodes")  # ComfyUI's nodes.py: COMFYUI_PATH comes first on sys.path
     assert hasattr(comfy_nodes, "LoraLoaderModelOnly"), comfy_nodes.__file__
@@ -298,9 +298,9 @@ def test_all_in_one_node_restores_size_and_its_progress_ends_at_exactly_100(pack
     """Two clips of a 64×96 video made at 64×128, the LoRA trained at 64×64: every model step is one tick,
     the first clip's inversion at training size included, and a run restored from the reuse folder ends at
     100% too."""
-    from i2vedit.lora_train import training_size
+    from i2vedit.lora.train import training_size
 
-    pipeline = importlib.import_module("i2vedit_pack.i2vedit.pipeline")  # the pack's own core modules
+    pipeline = importlib.import_module("i2vedit_pack.i2vedit.run.pipeline")  # the pack's own core modules
     # a training area of 64×64 (the paper's is 512×896) so that the tiny run trains at another size
     monkeypatch.setattr(pipeline, "training_size", lambda h, w: training_size(h, w, area=64 * 64))
     frames, edited = video
@@ -351,7 +351,7 @@ def test_a_too_long_save_name_is_refused_before_training(pack, tiny, clip0):
 
 def test_a_failed_final_save_keeps_the_trained_lora(pack, tiny, clip0):
     """Any error of the final save (here a real OSError, 'File name too long') falls back to the rescue."""
-    from i2vedit.lora_file import load_lora
+    from i2vedit.lora.file import load_lora
 
     base, name_limit = pack.common.folder(pack.common.LORA_FOLDER), pack.common.name_limit
     stem = "w" * (name_limit(base) - len(".safetensors"))  # the longest name: the rescue name must shorten it

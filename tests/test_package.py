@@ -32,10 +32,10 @@ def test_core_imports_without_any_model_library(tmp_path):
         """
         import importlib.util, sys
         sys.path.insert(0, sys.argv[1])
-        import i2vedit.sarp, i2vedit.schedules, i2vedit.samplers, i2vedit.clips, i2vedit.video_io
-        import i2vedit.edm, i2vedit.layers, i2vedit.hosts.base, i2vedit.hosts.keymap
-        import i2vedit.attention, i2vedit.control, i2vedit.inversion, i2vedit.matched, i2vedit.memtrack
-        import i2vedit.lora_targets, i2vedit.lora_file, i2vedit.lora_train, i2vedit.bench
+        import i2vedit.method.sarp, i2vedit.method.schedules, i2vedit.method.samplers, i2vedit.io.frames, i2vedit.io.video
+        import i2vedit.method.edm, i2vedit.svd, i2vedit.host, i2vedit.svd
+        import i2vedit.method.attention, i2vedit.method.controller, i2vedit.method.inversion, i2vedit.method.matching, i2vedit.tools.memtrack
+        import i2vedit.lora.targets, i2vedit.lora.file, i2vedit.lora.train, i2vedit.tools.bench
         spec = importlib.util.spec_from_file_location("pack", sys.argv[1] + "/__init__.py")
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
         heavy = [m for m in ("comfy", "diffusers", "transformers", "peft") if m in sys.modules]

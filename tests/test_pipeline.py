@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from i2vedit.control import MatchConfig
 from i2vedit.errors import I2VEditError
-from i2vedit.hosts.diffusers_host import build_tiny_diffusers_host
-from i2vedit.pipeline import EditSettings, edit_frames, edit_video
+from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+from i2vedit.method.controller import MatchConfig
+from i2vedit.run.pipeline import EditSettings, edit_frames, edit_video
 
 SETTINGS = EditSettings(chunk=4, steps=3, lora_steps=2, lora_rank=4)
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from i2vedit import samplers, schedules
 from i2vedit.errors import I2VEditError
+from i2vedit.method import samplers, schedules
 
 MU, S = 0.3, 0.8
 

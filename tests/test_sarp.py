@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from i2vedit.errors import I2VEditError
-from i2vedit.sarp import NOISE_SCALE, sarp, smooth_mask
+from i2vedit.method.sarp import NOISE_SCALE, sarp, smooth_mask
 
 
 def reference_mask(frames: torch.Tensor, threshold: float = 0.001) -> np.ndarray:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from i2vedit import edm, schedules
 from i2vedit.errors import I2VEditError
+from i2vedit.method import edm, schedules
 
 # method.md §3.2: the 25 Karras sigmas of SVD's scheduler (σ 0.002–700, ρ 7), as published.
 PAPER_SIGMAS = [

@@ -278,7 +278,7 @@ def test_every_node_runs_through_the_server(comfy_server: ComfyServer, graph: di
     inversions = comfy_server.models_dir / "i2vedit_inversions"
     assert sorted(p.name for p in loras.iterdir()) == [f"{LORA}.safetensors", f"{LORA}_copy.safetensors"]
     assert sorted(p.name for p in inversions.iterdir()) == [f"{INVERSION}.safetensors"]
-    from i2vedit.lora_file import load_lora
+    from i2vedit.lora.file import load_lora
 
     for name in (LORA, f"{LORA}_copy"):
         lora = load_lora(loras / f"{name}.safetensors")
@@ -373,7 +373,7 @@ def interrupt_prompt(steps: int) -> dict[str, Any]:
 
 
 def test_interrupt_during_training_keeps_the_lora_so_far(comfy_server: ComfyServer, graph) -> None:
-    from i2vedit.lora_file import load_lora
+    from i2vedit.lora.file import load_lora
 
     loras = comfy_server.models_dir / "loras" / "i2vedit"
     huge = 100_000

@@ -13,9 +13,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from i2vedit.cli import load_diffusers_host, main
 from i2vedit.errors import I2VEditError, ModelFileError, NotSVDModelError
-from i2vedit.hosts.base import SVDCond, TimeIds
-from i2vedit.hosts.diffusers_host import DiffusersSVDHost, build_tiny_diffusers_host
-from i2vedit.hosts.single_file import (
+from i2vedit.host import SVDCond, TimeIds
+from i2vedit.hosts.diffusers.host import DiffusersSVDHost, build_tiny_diffusers_host
+from i2vedit.hosts.diffusers.single_file import (
     CLIP_PREFIX,
     SVD_VAE_CONFIG,
     UNET_PREFIX,
@@ -29,7 +29,7 @@ from i2vedit.hosts.single_file import (
     vae_sgm_to_diffusers,
     write_single_file,
 )
-from i2vedit.video_io import write_video
+from i2vedit.io.video import write_video
 
 VIT_H = {
     "hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "patch_size": 14,
@@ -528,7 +528,7 @@ def test_clip_conversion_matches_comfyui(full_meta):
 
 @pytest.mark.usefixtures("comfy")
 def test_vae_matches_comfyui_full_width():
-    from i2vedit.hosts.comfy_host import build_svd_vae
+    from i2vedit.hosts.comfy.host import build_svd_vae
 
     engine = build_svd_vae(seed=0).first_stage_model.eval()
     sgm = _random_like(engine.state_dict(), seed=7)
@@ -560,8 +560,8 @@ def test_written_files_go_through_comfyui_detection(full_meta, tiny_file):
     import comfy.supported_models
     import comfy.utils
 
-    from i2vedit.hosts import tiny
-    from i2vedit.hosts.comfy_host import build_svd_patcher
+    from i2vedit.hosts.comfy.host import build_svd_patcher
+    from i2vedit.hosts.diffusers import tiny
 
     sd = sgm_state_dict(*full_meta)
     assert comfy.model_detection.unet_prefix_from_state_dict(sd) == UNET_PREFIX

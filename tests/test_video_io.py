@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from i2vedit import video_io
 from i2vedit.errors import I2VEditError, VideoReadError
-from i2vedit.video_io import VideoInfo, iter_video_frames, probe_video, read_video, write_video
+from i2vedit.io import video as video_io
+from i2vedit.io.video import VideoInfo, iter_video_frames, probe_video, read_video, write_video
 
 F, H, W, FPS = 12, 64, 96, 10.0
 
@@ -319,7 +319,7 @@ _FULL_DISK = """
 import resource, signal, sys
 import torch
 from i2vedit.errors import I2VEditError
-from i2vedit.video_io import write_video
+from i2vedit.io.video import write_video
 
 limit = int(sys.argv[2])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk

@@ -22,7 +22,6 @@ import importlib
 import json
 import os
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,21 +221,18 @@ def test_png_next_to_it_carries_this_workflow(workflow: tuple[Path, dict[str, An
 
     path, wf = workflow
     png = path.with_suffix(".png")
-    assert png.is_file(), f"{png.name} missing: python workflows/render_png.py {path.relative_to(ROOT)}"
+    assert png.is_file(), f"{png.name} missing: python -m i2vedit.tools.render_png {path.relative_to(ROOT)}"
     with Image.open(png) as im:
         assert im.format == "PNG" and min(im.size) >= 400
         embedded = im.text.get("workflow")
     assert embedded is not None and json.loads(embedded) == wf, (
-        f"{png.name} is stale: python workflows/render_png.py {path.relative_to(ROOT)}"
+        f"{png.name} is stale: python -m i2vedit.tools.render_png {path.relative_to(ROOT)}"
     )
 
 
 def test_renderer_draws_a_workflow(tmp_path: Path) -> None:
-    sys.path.insert(0, str(WORKFLOW_DIR))
-    try:
-        render_png = importlib.import_module("render_png")
-    finally:
-        sys.path.remove(str(WORKFLOW_DIR))
+    from i2vedit.tools import render_png
+
     defs = render_png.load_defs()
     for path in WORKFLOWS:  # it names every widget of every node the workflows use
         for node in load(path)["nodes"]:

@@ -1,2 +1,2 @@
-"""Model-library adapters. ``base`` and ``keymap`` are library-free; ``diffusers_host`` needs
-diffusers and transformers; ``comfy_host`` needs ComfyUI on ``sys.path``."""
+"""Model-library adapters: ``comfy`` needs ComfyUI on ``sys.path``; ``diffusers`` needs diffusers and
+transformers. Nothing else in ``i2vedit`` imports a model library."""

@@ -41,7 +41,7 @@ def pack_module() -> ModuleType:
 
 
 def core(submodule: str) -> Any:
-    """``i2vedit.<submodule>`` of the loaded pack, e.g. ``core("hosts.comfy_host")``."""
+    """``i2vedit.<submodule>`` of the loaded pack, e.g. ``core("hosts.comfy.host")``."""
     return importlib.import_module(f"{pack_module().__name__}.i2vedit.{submodule}")
 
 
@@ -51,7 +51,7 @@ def sharpen_self_attention(patcher: Any, factor: float) -> None:
 
     root = patcher.model.diffusion_model
     with torch.no_grad():
-        for pos in core("layers").POSITIONS:
+        for pos in core("svd").POSITIONS:
             for name in (pos.comfy_spatial, pos.comfy_temporal):
                 for proj in ("to_q", "to_k"):
                     root.get_submodule(f"{name}.{proj}").weight.mul_(factor)
@@ -78,7 +78,7 @@ class TinySVD(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed: int, sharpen: float) -> io.NodeOutput:
-        host = core("hosts.comfy_host").build_tiny_comfy_host(seed=seed, with_vae=True)
+        host = core("hosts.comfy.host").build_tiny_comfy_host(seed=seed, with_vae=True)
         if sharpen != 1.0:
             sharpen_self_attention(host.patcher, sharpen)
         return io.NodeOutput(host.patcher, host.clip_vision, host.vae)

@@ -1,0 +1,1 @@
+"""ComfyUI host: SVD through ComfyUI's ModelPatcher (needs ComfyUI on ``sys.path``)."""

@@ -1,0 +1,1 @@
+"""Frames, video files and atomic file writes."""

@@ -1,0 +1,1 @@
+"""Motion LoRAs, host-free: target linears, the safetensors file format, the training loop."""

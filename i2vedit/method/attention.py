@@ -1,0 +1,169 @@
+"""Self-attention maths of fine-grained attention matching (method.md §4, §6), host-free.
+
+Tensors arrive the way both model libraries hand them to an attention hook: ``q``, ``k``, ``v`` of
+shape (rows, tokens, heads·d) after the projections, before the output projection. Spatial layers
+have rows = chunks·frames and tokens = h·w; temporal layers have rows = chunks·h·w and tokens =
+frames. A *chunk* is one CFG branch batched into the call (cond or uncond).
+
+Spatial matching comes twice: ``spatial_match`` in query chunks whose peak memory is bounded by the
+chunk, and ``spatial_match_reference``, a plain fp32 materialisation of every map, kept as the
+yardstick the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..errors import I2VEditError
+
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""A host's own attention kernel: (q, k, v, heads) → out, all (rows, tokens, heads·d)."""
+
+DEFAULT_QUERY_CHUNK = 1024
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(rows, tokens, heads·d) → (rows, heads, tokens, d)."""
+    rows, tokens, inner = x.shape
+    if inner % heads:
+        raise I2VEditError(f"attention width {inner} is not divisible by {heads} heads.")
+    return x.view(rows, tokens, heads, inner // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(rows, heads, tokens, d) → (rows, tokens, heads·d)."""
+    rows, heads, tokens, d = x.shape
+    return x.transpose(1, 2).reshape(rows, tokens, heads * d)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q kᵀ/√d) in fp32: (rows, heads, queries, keys)."""
+    qh, kh = split_heads(q, heads).float(), split_heads(k, heads).float()
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+
+
+def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """probs (rows, heads, queries, keys) applied to values (rows, keys, heads·d), in v's dtype."""
+    vh = split_heads(v, heads)
+    return merge_heads((probs.float() @ vh.float()).to(v.dtype))
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Plain attention with the probabilities materialised in fp32."""
+    return apply_probs(attention_probs(q, k, heads), v, heads)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """torch's fused attention kernel, for callers that have no host kernel at hand."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    )
+    return merge_heads(out)
+
+
+def frame_thresholds(frames: int, tau: tuple[float, float]) -> torch.Tensor:
+    """τ_f = τ0 + (τ1 − τ0)·f/F for each frame f (the authors' ramp; constant when τ0 = τ1)."""
+    t0, t1 = tau
+    return torch.tensor([t0 + (t1 - t0) * f / frames for f in range(frames)], dtype=torch.float32)
+
+
+def blend_weight(diff: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """M = 1 where the difference reaches τ, the difference itself below it (soft, not 0)."""
+    return torch.where(diff >= tau, torch.ones_like(diff), diff)
+
+
+def _check_spatial(q_e, k_e, v_e, q_s, k_s) -> None:
+    if q_s.shape != q_e.shape or k_s.shape != k_e.shape:
+        raise I2VEditError(
+            f"source attention {tuple(q_s.shape)} does not fit the edit's {tuple(q_e.shape)}: the inversion "
+            "must come from the same resolution and frame count."
+        )
+    if k_e.shape != v_e.shape:
+        raise I2VEditError("keys and values of a self-attention layer must have one shape.")
+
+
+def spatial_match_reference(
+    q_e: torch.Tensor,
+    k_e: torch.Tensor,
+    v_e: torch.Tensor,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    heads: int,
+    tau: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spatial attention matching with every map materialised in fp32 (the yardstick).
+
+    Inputs are one CFG chunk: (frames, tokens, heads·d); ``tau`` holds one threshold per frame.
+    Returns (out in v's dtype, difference D (frames, tokens), blend weight M (frames, tokens)).
+    """
+    _check_spatial(q_e, k_e, v_e, q_s, k_s)
+    p_e = attention_probs(q_e, k_e, heads)
+    p_s = attention_probs(q_s, k_s, heads)
+    diff = (p_s - p_e).abs().sum(-1).mean(1).clamp(0, 2) / 2
+    weight = blend_weight(diff, tau.to(diff.device).view(-1, 1))
+    m = weight[:, None, :, None]
+    blended = (1 - m) * p_s + m * p_e
+    return apply_probs(blended, v_e, heads), diff, weight
+
+
+def spatial_match(
+    q_e: torch.Tensor,
+    k_e: torch.Tensor,
+    v_e: torch.Tensor,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    heads: int,
+    tau: torch.Tensor,
+    query_chunk: int = DEFAULT_QUERY_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``spatial_match_reference`` in blocks of at most ``query_chunk`` query rows of one layer.
+
+    The maps of a block are (frames_in_block, heads, queries_in_block, tokens) with frames_in_block ·
+    queries_in_block ≤ max(query_chunk, tokens), so peak memory is bounded by the chunk, never by
+    the frame count. The scores are fp32 whatever the model's dtype, as the authors compute them.
+    """
+    _check_spatial(q_e, k_e, v_e, q_s, k_s)
+    if query_chunk < 1:
+        raise I2VEditError(f"query_chunk must be at least 1, got {query_chunk}.")
+    frames, tokens, _ = q_e.shape
+    qe, ke, ve = split_heads(q_e, heads), split_heads(k_e, heads), split_heads(v_e, heads)
+    qs, ks = split_heads(q_s, heads), split_heads(k_s, heads)
+    scale = 1.0 / math.sqrt(qe.shape[-1])
+    tau = tau.to(q_e.device, torch.float32)
+    out = torch.empty_like(qe)
+    diff = torch.empty(frames, tokens, device=q_e.device, dtype=torch.float32)
+    weight = torch.empty_like(diff)
+    frame_block = max(1, query_chunk // tokens)
+    query_block = min(tokens, query_chunk)
+    for f0 in range(0, frames, frame_block):
+        f1 = min(frames, f0 + frame_block)
+        k_edit, k_src = ke[f0:f1].float(), ks[f0:f1].float()
+        v_edit = ve[f0:f1].float()
+        for a in range(0, tokens, query_block):
+            b = min(tokens, a + query_block)
+            p_e = torch.softmax(qe[f0:f1, :, a:b].float() @ k_edit.transpose(-1, -2) * scale, dim=-1)
+            p_s = torch.softmax(qs[f0:f1, :, a:b].float() @ k_src.transpose(-1, -2) * scale, dim=-1)
+            p_e.sub_(p_s)  # p_e now holds P^e − P^s
+            d = p_e.abs().sum(-1).mean(1).clamp_(0, 2).div_(2)
+            w = blend_weight(d, tau[f0:f1, None])
+            p_e.mul_(w[:, None, :, None]).add_(p_s)  # (1 − M)·P^s + M·P^e
+            out[f0:f1, :, a:b] = (p_e @ v_edit).to(out.dtype)
+            diff[f0:f1, a:b], weight[f0:f1, a:b] = d, w
+            del p_e, p_s
+    return merge_heads(out), diff, weight
+
+
+def concat_kv(
+    k: torch.Tensor, v: torch.Tensor, k_extra: torch.Tensor, v_extra: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skip-interval K/V: prepend another clip's keys/values on the frame (token) axis of one chunk."""
+    if k_extra.shape[0] != k.shape[0] or k_extra.shape[2] != k.shape[2]:
+        raise I2VEditError(
+            f"skip-interval K/V {tuple(k_extra.shape)} does not fit this clip's {tuple(k.shape)}: the first "
+            "clip must have the same resolution (and model) as this one."
+        )
+    return torch.cat([k_extra.to(k.dtype), k], 1), torch.cat([v_extra.to(v.dtype), v], 1)

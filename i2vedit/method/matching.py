@@ -1,0 +1,299 @@
+"""Matched denoising of one clip and the skip-interval K/V sources (method.md §4, §6).
+
+``matched_denoise`` starts from a clip's inversion and denoises it under the edited first frame's
+conditioning with per-frame CFG, while the attention controller blends each spatial layer's cond
+chunk towards the source's attention and injects the source's temporal probabilities in stages.
+In ``recompute`` mode the source attention of each step is replayed from the inversion's trajectory
+just before the edit call; in ``cache`` mode it is read from the inversion's captures. Both give
+the same result.
+
+Skip-interval: clips after the first attend, in every temporal self-attention layer, to the first
+clip's keys and values of the same step. ``SourceKV`` serves them for inversion (and LoRA training,
+by σ) from the first clip's inversion; ``EditKV`` serves them for denoising from the first clip's
+matched denoising. Both are exact, whether cached or recomputed by replaying the call that made them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import I2VEditError
+from ..host import SVDCond, SVDHost, cfg_ramp, check_cfg, combine_cfg
+from . import schedules
+from .controller import (
+    AttentionController,
+    CaptureKind,
+    MaskAccumulator,
+    MatchConfig,
+    StepCapture,
+    paired_step,
+)
+from .inversion import (
+    Inversion,
+    MemoryMode,
+    StepCallback,
+    check_mode,
+    replay_source,
+    require_finite,
+    source_capture,
+    step_options,
+)
+from .samplers import PHASE_DENOISE, PHASE_INVERT, PHASE_TRAIN
+
+DEFAULT_MATCH = MatchConfig()
+
+
+class KVSource:
+    """The first clip's temporal K/V for a later clip, by phase and step."""
+
+    frames: int
+    latent_hw: tuple[int, int]
+    fingerprint: str
+
+    def at(self, phase: str, step: int) -> StepCapture:
+        raise NotImplementedError
+
+    def check_fits(self, latent_hw, fingerprint: str) -> None:
+        """Raise before any sampling if this source cannot serve a clip of this size and model."""
+        hw = (int(latent_hw[0]), int(latent_hw[1]))
+        if hw != self.latent_hw:
+            raise I2VEditError(
+                f"the skip-interval K/V come from a clip at latent {self.latent_hw[0]}×{self.latent_hw[1]}, "
+                f"this clip is {hw[0]}×{hw[1]}; every clip of a video must share one resolution."
+            )
+        if fingerprint != self.fingerprint:
+            raise I2VEditError(
+                f"the skip-interval K/V were made with another model ({self.fingerprint}) than this one "
+                f"({fingerprint}); run the first clip with this model."
+            )
+
+
+class SourceKV(KVSource):
+    """K/V of the first clip's *source* inversion: for later clips' inversion and LoRA training."""
+
+    def __init__(self, host: SVDHost, inversion: Inversion, store_dtype: torch.dtype | None = None) -> None:
+        if inversion.kv_source is not None:
+            raise I2VEditError("the skip-interval K/V source must be the first clip's own inversion.")
+        self.host, self.inversion, self.store_dtype = host, inversion, store_dtype
+        self.frames, self.latent_hw, self.fingerprint = (
+            inversion.frames,
+            inversion.latent_hw,
+            inversion.fingerprint,
+        )
+        caps = inversion.captures
+        self.cached = caps is not None and all(c.kv for c in caps)
+
+    def at(self, phase: str, step: int) -> StepCapture:
+        if phase not in (PHASE_INVERT, PHASE_TRAIN):
+            raise I2VEditError(f"the source K/V serve inversion and training, not {phase!r}.")
+        if self.cached:
+            return self.inversion.captures[step]
+        return replay_source(self.host, self.inversion, step, {"kv"}, self.store_dtype)
+
+    def for_sigma(self, sigma: float) -> StepCapture:
+        """K/V for a LoRA training step at noise level ``sigma``: the inversion step just below it."""
+        return self.at(PHASE_TRAIN, schedules.sigma_to_inversion_step(sigma, self.inversion.steps))
+
+    def stored_bytes(self) -> int:
+        return self.inversion.stored_bytes()
+
+
+@dataclass
+class MatchedResult:
+    """A matched denoising: final latents, the trajectory, difference masks, and (cache) K/V."""
+
+    latents: torch.Tensor  # (frames, 4, h, w), scaled space
+    trajectory: torch.Tensor  # (steps + 1, frames, 4, h, w): the latent each step evaluated, then the result
+    masks: torch.Tensor | None  # (frames, h, w) mean blend weight M: 1 = treated as edited
+    kv_captures: list[StepCapture] | None = None
+
+    def frame_masks(self, height: int, width: int) -> torch.Tensor:
+        """The difference masks at frame size, (frames, height, width) in [0, 1], like a ComfyUI MASK."""
+        if self.masks is None:
+            raise I2VEditError(
+                "this denoising ran without attention matching, so it has no difference masks."
+            )
+        up = torch.nn.functional.interpolate(self.masks[:, None], size=(height, width), mode="bilinear")
+        return up[:, 0].clamp(0, 1)
+
+    def stored_bytes(self) -> int:
+        total = self.trajectory.numel() * self.trajectory.element_size()
+        if self.kv_captures:
+            total += sum(c.nbytes() for c in self.kv_captures)
+        return total
+
+
+def as_cfg(cfg: torch.Tensor | tuple[float, float] | None, frames: int) -> torch.Tensor | None:
+    """Per-frame CFG scales from a (min, max) ramp, explicit scales, or None (no CFG)."""
+    if cfg is None:
+        return None
+    if isinstance(cfg, tuple):
+        return cfg_ramp(frames, *cfg)
+    check_cfg(cfg, frames)
+    return cfg.float()
+
+
+class MatchedClip:
+    """Everything one clip's matched denoising needs, validated before any model call.
+
+    ``host`` runs the edit branch (with the clip's motion LoRA, if any); ``source_host`` replays the
+    source branch and must be the model the inversion used (default: ``host``).
+    """
+
+    def __init__(
+        self,
+        host: SVDHost,
+        inversion: Inversion,
+        cond: SVDCond,
+        config: MatchConfig | None = DEFAULT_MATCH,
+        cfg: torch.Tensor | tuple[float, float] | None = (1.0, 2.0),
+        mode: MemoryMode = "recompute",
+        source_host: SVDHost | None = None,
+        kv_source: EditKV | None = None,
+        store_dtype: torch.dtype | None = None,
+    ) -> None:
+        check_mode(mode)
+        self.config = config.validate() if config is not None else None
+        self.host, self.inversion, self.cond = host, inversion, cond
+        self.source_host = source_host if source_host is not None else host
+        self.mode, self.kv_source, self.store_dtype = mode, kv_source, store_dtype
+        frames, hw = inversion.frames, inversion.latent_hw
+        try:
+            cond.check(inversion.x_T)
+        except I2VEditError as e:
+            raise I2VEditError(f"the edited first frame does not fit the inversion: {e}") from None
+        inversion.check_fits(frames, hw, self.source_host.fingerprint(), "the inversion")
+        if self.host is not self.source_host and self.host.fingerprint() != inversion.fingerprint:
+            raise I2VEditError(
+                "the edit model and the source model must share base weights (one SVD checkpoint)."
+            )
+        if self.config is not None and mode == "cache" and inversion.captures is None:
+            raise I2VEditError(
+                "cache mode needs an inversion made in cache mode (it holds the attention of every step); "
+                "invert with mode='cache' or use mode='recompute'."
+            )
+        if (inversion.kv_source is None) != (kv_source is None):
+            raise I2VEditError(
+                "a clip inverted with skip-interval K/V must be denoised with them, and only such a clip: "
+                "pass the first clip's EditKV for clips after the first, none for the first."
+            )
+        self.cfg = as_cfg(cfg, frames)
+        if kv_source is not None:
+            kv_source.check_fits(hw, inversion.fingerprint)
+            if kv_source.cfg_branches != (1 if self.cfg is None else 2):
+                raise I2VEditError(
+                    "the first clip was denoised with a different CFG setting (with or without CFG) than "
+                    "this clip; its K/V cannot line up with this clip's branches."
+                )
+        self.uncond = cond.unconditional() if self.cfg is not None else None
+        self.sigmas = inversion.denoise_sigmas()
+
+    @property
+    def steps(self) -> int:
+        return self.inversion.steps
+
+    def reference(self, step: int) -> StepCapture | None:
+        """The source attention denoising step ``step`` matches against."""
+        if self.config is None:
+            return None
+        j = paired_step(step, self.steps, self.config.pair_offset)
+        return source_capture(self.source_host, self.inversion, j, self.store_dtype)
+
+    def denoised(
+        self, step: int, x: torch.Tensor, capture_kv: bool = False, masks: MaskAccumulator | None = None
+    ) -> tuple[torch.Tensor, StepCapture]:
+        """x0 of denoising step ``step`` at latent ``x``, and what the call captured."""
+        capture: set[CaptureKind] = {"kv"} if capture_kv else set()
+        ctrl = AttentionController(
+            capture, self.config, store_dtype=self.store_dtype,
+            store_device="cpu" if self.mode == "cache" else None, masks=masks,
+        )  # fmt: skip
+        kv = self.kv_source.at(PHASE_DENOISE, step) if self.kv_source is not None else None
+        ctrl.begin_step(step, self.steps, reference=self.reference(step), kv=kv)
+        opts = step_options(ctrl, step, self.steps, PHASE_DENOISE)
+        sigma = self.sigmas[step]
+        if self.cfg is None:
+            out = self.host.denoise(x, sigma, [self.cond], opts)[0]
+        else:
+            both = self.host.denoise(x, sigma, [self.uncond, self.cond], opts)
+            out = combine_cfg(both[0], both[1], self.cfg)
+        return out, ctrl.take()
+
+    def run(self, capture_kv: bool = False, callback: StepCallback | None = None) -> MatchedResult:
+        """Denoise the whole clip. ``capture_kv`` keeps every step's K/V (first clip, cache mode)."""
+        inv = self.inversion
+        masks = MaskAccumulator(inv.frames, inv.latent_hw) if self.config is not None else None
+        keep_kv = capture_kv and self.mode == "cache"
+        x = inv.x_T.clone()
+        trajectory, kv_caps = [], []
+        for k in range(self.steps):
+            sigma, sigma_next = self.sigmas[k], self.sigmas[k + 1]
+            denoised, cap = self.denoised(k, x, keep_kv, masks)
+            require_finite(denoised, f"denoising step {k + 1} of {self.steps}")
+            trajectory.append(x)
+            if keep_kv:
+                kv_caps.append(cap)
+            if callback is not None:
+                callback({"x": x, "i": k, "sigma": sigma, "denoised": denoised, "steps": self.steps,
+                          "phase": PHASE_DENOISE})  # fmt: skip
+            if sigma_next == 0:
+                x = denoised
+            else:
+                x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        trajectory.append(x)
+        return MatchedResult(
+            x,
+            torch.stack(trajectory),
+            masks.mean() if masks is not None else None,
+            kv_caps if keep_kv else None,
+        )
+
+
+def matched_denoise(
+    host: SVDHost,
+    inversion: Inversion,
+    cond: SVDCond,
+    config: MatchConfig | None = DEFAULT_MATCH,
+    cfg: torch.Tensor | tuple[float, float] | None = (1.0, 2.0),
+    mode: MemoryMode = "recompute",
+    source_host: SVDHost | None = None,
+    kv_source: EditKV | None = None,
+    capture_kv: bool = False,
+    store_dtype: torch.dtype | None = None,
+    callback: StepCallback | None = None,
+) -> MatchedResult:
+    """Denoise one clip from its inversion under ``cond`` (the edited first frame's conditioning).
+
+    ``config`` None turns matching off (plain denoising from the inversion). ``kv_source`` is the
+    first clip's ``EditKV`` for later clips. See ``MatchedClip`` for the arguments.
+    """
+    clip = MatchedClip(host, inversion, cond, config, cfg, mode, source_host, kv_source, store_dtype)
+    return clip.run(capture_kv, callback)
+
+
+class EditKV(KVSource):
+    """K/V of the first clip's *edited* denoising, for later clips' denoising (same step).
+
+    With the first clip's K/V captured (cache mode, ``capture_kv=True``) they are read back; else
+    the first clip's matched call of that step is replayed from its trajectory.
+    """
+
+    def __init__(self, clip: MatchedClip, result: MatchedResult) -> None:
+        if clip.kv_source is not None:
+            raise I2VEditError("the skip-interval K/V source must be the first clip's own denoising.")
+        self.clip, self.result = clip, result
+        inv = clip.inversion
+        self.frames, self.latent_hw, self.fingerprint = inv.frames, inv.latent_hw, inv.fingerprint
+        self.cfg_branches = 1 if clip.cfg is None else 2
+
+    def at(self, phase: str, step: int) -> StepCapture:
+        if phase != PHASE_DENOISE:
+            raise I2VEditError(f"the edited K/V serve denoising, not {phase!r}.")
+        if self.result.kv_captures is not None:
+            return self.result.kv_captures[step]
+        return self.clip.denoised(step, self.result.trajectory[step], capture_kv=True)[1]
+
+    def stored_bytes(self) -> int:
+        return self.result.stored_bytes()

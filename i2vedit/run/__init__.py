@@ -1,0 +1,1 @@
+"""Orchestration: single stages shared with the nodes, and the whole-video pipeline."""

@@ -1,0 +1,179 @@
+"""One clip's stages as single calls, shared by the pipeline and the ComfyUI nodes.
+
+Seeds of every random draw are derived from (seed, clip, purpose), so a stage run on its own (a
+node) and the same stage inside ``pipeline.edit_video`` give the same result for the same seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import I2VEditError
+from ..host import LATENT_SCALE, SVDCond, SVDHost, TimeIds
+from ..io.files import save_safetensors_atomic
+from ..lora.file import LoRAWeights
+from ..lora.train import TrainConfig, TrainResult, train_motion_lora
+from ..method.inversion import Inversion
+from ..method.matching import matched_denoise
+
+INVERSION_FORMAT = "i2vedit.inversion/1"
+
+# purposes of the derived seeds (the third part of ``derived_seed``)
+SEED_SARP, SEED_ENCODE, SEED_CONDITION, SEED_TRAIN_RES, SEED_TRAIN_ENCODE, SEED_TRAIN = range(6)
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed for one purpose of one clip, independent of every other purpose's draws."""
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def generator(seed: int, *parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derived_seed(seed, *parts))
+
+
+def _noised(image: torch.Tensor, g: torch.Generator, scale: float = 0.01) -> torch.Tensor:
+    """Pixel noise of 0.02 in SVD's [−1, 1] units (0.01 in [0, 1]) for the inversion's VAE condition."""
+    return image + scale * torch.randn(image.shape, generator=g).to(image.device, image.dtype)
+
+
+def denoise_time_ids(fps: float) -> TimeIds:
+    """SVD's micro-conditioning for generation at a video's frame rate (fps id = fps − 1)."""
+    return TimeIds(max(0.0, round(fps) - 1.0), 127.0, 0.02)
+
+
+def encode_source(
+    host: SVDHost, perturbed: torch.Tensor, g: torch.Generator, fps_id: float = 8.0
+) -> tuple[torch.Tensor, SVDCond]:
+    """A clip's latents (VAE posterior samples, scaled space) and the source conditioning of inversion."""
+    latents = host.vae_encode(perturbed, sample=True, generator=g).float() * LATENT_SCALE
+    first = perturbed[:1]
+    cond = SVDCond(
+        host.encode_clip(first), host.vae_encode(_noised(first, g)).float(), TimeIds(fps_id, 127.0, 0.02)
+    )
+    return latents, cond
+
+
+def edit_conditioning(
+    host: SVDHost,
+    edited: torch.Tensor | None,
+    ids: TimeIds,
+    g: torch.Generator,
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> SVDCond:
+    """Clip 0: the edited frame; later clips: ``prev`` = the previous edited clip's (last latent, last frame).
+
+    The previous clip's final latent (scaled space) feeds the VAE branch without a decode/encode
+    round trip; its decoded frame feeds CLIP (method.md §1.5).
+    """
+    if prev is None:
+        if edited is None:
+            raise I2VEditError("give the edited first frame, or the previous edited clip to continue from.")
+        image, latent = edited[:1, ..., :3], host.vae_encode(edited[:1, ..., :3]).float()
+    else:
+        image, latent = prev[1], prev[0].float() / LATENT_SCALE
+    latent = latent + 0.02 * torch.randn(latent.shape, generator=g)
+    return SVDCond(host.encode_clip(image), latent, ids)
+
+
+def train_clip_lora(
+    host: SVDHost,
+    latents: torch.Tensor,
+    first_raw: torch.Tensor,
+    clip_embed: torch.Tensor,
+    config: TrainConfig,
+    clip_index: int = 0,
+    kv_source: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    gradient_checkpointing: bool = False,
+    resume_from: str | Path | None = None,
+) -> TrainResult:
+    """Train one clip's motion LoRA on ``host``'s base model (also inside ComfyUI's inference mode).
+
+    ``resume_from``: a checkpoint of the same training (``checkpoint_dir`` of an interrupted run).
+    """
+    trainer = host.lora_trainer(
+        config.rank, config.target_set, config.dropout, gradient_checkpointing=gradient_checkpointing,
+        init_seed=config.seed,
+    )  # fmt: skip
+    h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+    meta = LoRAWeights({}, clip_index=clip_index, resolution=(h, w), model_fingerprint=host.fingerprint())
+    with torch.inference_mode(False):
+        return train_motion_lora(
+            trainer, latents, first_raw, clip_embed, config, kv_source=kv_source, checkpoint_dir=checkpoint_dir,
+            metadata=meta, callback=callback, should_stop=should_stop, device=getattr(host, "device", "cpu"),
+            resume_from=resume_from,
+        )  # fmt: skip
+
+
+def reconstruct(host: SVDHost, inversion: Inversion, callback: Callable | None = None) -> torch.Tensor:
+    """Denoise an inversion's x_T back under its own source conditioning, without CFG or matching.
+
+    A good inversion gives back the source clip: compare the decoded result with the source frames.
+    """
+    return matched_denoise(host, inversion, inversion.cond, None, None, callback=callback).latents
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two images in [0, 1] (inf when equal)."""
+    if a.shape != b.shape:
+        raise I2VEditError(f"cannot compare frames of shape {tuple(a.shape)} and {tuple(b.shape)}.")
+    mse = float(torch.mean((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def cond_tensors(prefix: str, cond: SVDCond) -> dict[str, torch.Tensor]:
+    ids = torch.tensor(cond.time_ids.as_list())
+    return {f"{prefix}.clip": cond.clip_embed, f"{prefix}.latent": cond.concat_latent, f"{prefix}.ids": ids}
+
+
+def cond_from(prefix: str, t: dict[str, torch.Tensor], kind: str = "cond") -> SVDCond:
+    ids = t[f"{prefix}.ids"].tolist()
+    return SVDCond(t[f"{prefix}.clip"], t[f"{prefix}.latent"], TimeIds(*ids), kind)
+
+
+def save_inversion(path: str | Path, inversion: Inversion, extra: dict[str, str] | None = None) -> Path:
+    """Write an inversion's trajectory and conditioning as safetensors (captures are not saved)."""
+    meta = {
+        "format": INVERSION_FORMAT,
+        "fingerprint": inversion.fingerprint,
+        "skip_interval": "1" if inversion.kv_source is not None else "0",
+        **(extra or {}),
+    }
+    tensors = {
+        "latents": inversion.latents,
+        "sigmas": inversion.sigmas,
+        **cond_tensors("cond", inversion.cond),
+    }
+    return save_safetensors_atomic(path, tensors, meta)
+
+
+def load_inversion(path: str | Path) -> tuple[Inversion, dict[str, str]]:
+    """Read an inversion written by ``save_inversion`` (safetensors only), with its metadata.
+
+    An inversion of a clip after the first was made with the first clip's K/V: set its
+    ``kv_source`` again before denoising (metadata ``skip_interval`` says so).
+    """
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != INVERSION_FORMAT:
+                raise I2VEditError(f"{p} is not an I2VEdit inversion file (format {meta.get('format')!r}).")
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
+    except (OSError, SafetensorError) as e:
+        raise I2VEditError(f"cannot read the inversion {p} ({e}); save it again.") from e
+    try:
+        inv = Inversion(t["latents"].float(), t["sigmas"].double(), cond_from("cond", t), meta["fingerprint"])
+    except KeyError as e:
+        raise I2VEditError(f"the inversion {p} lacks {e}; save it again.") from None
+    return inv, meta

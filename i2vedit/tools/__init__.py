@@ -1,0 +1,1 @@
+"""Developer tools (benchmarks, the allocation tracker, the workflow renderer); not needed to run the method."""

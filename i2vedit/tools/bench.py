@@ -1,0 +1,240 @@
+"""Benchmarks that print numbers: ``python -m i2vedit bench attention``.
+
+Memory is counted from what our objects actually hold on a tiny run, checked against a per-layer
+formula at the tiny size, then evaluated with the same formula at full size (576×1024, 14 frames,
+25 steps). Peak extra memory of one spatial layer is measured at full size on the ``meta`` device
+(shapes only, exact allocation sizes). Times are medians on the tiny model on this machine's CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..host import SVDCond, TimeIds, combine_cfg
+from ..hosts.diffusers import tiny
+from ..method import attention as A
+from ..method.controller import MatchConfig
+from ..method.inversion import invert, replay_source
+from ..method.matching import EditKV, MatchedClip, SourceKV, matched_denoise
+from ..svd import POSITIONS
+from .memtrack import track_allocations
+
+FULL_HW = (72, 128)  # 576×1024 pixels
+FULL_FRAMES = 14
+FULL_STEPS = 25
+FULL_CHANNELS = (320, 640, 1280, 1280)
+HEAD_DIM = 64
+
+
+@dataclass(frozen=True)
+class Layer:
+    tokens: int
+    channels: int
+    heads: int
+
+
+def layer_table(latent_hw: tuple[int, int], channels: tuple[int, ...], head_dim: int) -> list[Layer]:
+    """The 16 self-attention positions of an SVD UNet: tokens, width and heads of each."""
+    out = []
+    for pos in POSITIONS:
+        level = {1: 0, 2: 1, 4: 2, 8: 3}[pos.downscale]
+        hh, ww = -(-latent_hw[0] // pos.downscale), -(-latent_hw[1] // pos.downscale)
+        c = channels[level]
+        out.append(Layer(hh * ww, c, c // head_dim))
+    return out
+
+
+def capture_bytes(
+    layers: list[Layer], frames: int, elem: int, spatial=True, temporal=True, kv_frames=0
+) -> int:
+    """Bytes of one step's capture: spatial Q+K, temporal probabilities (over frames + kv_frames keys)."""
+    total = 0
+    for lay in layers:
+        if spatial:
+            total += 2 * frames * lay.tokens * lay.channels * elem
+        if temporal:
+            total += lay.tokens * lay.heads * frames * (frames + kv_frames) * elem
+    return total
+
+
+def kv_bytes(layers: list[Layer], frames: int, elem: int, branches: int = 1) -> int:
+    """Bytes of one step's temporal K and V of every layer."""
+    return sum(2 * lay.tokens * frames * lay.channels * elem * branches for lay in layers)
+
+
+def trajectory_bytes(steps: int, frames: int, latent_hw: tuple[int, int]) -> int:
+    return (steps + 1) * frames * 4 * latent_hw[0] * latent_hw[1] * 4
+
+
+def _cond(seed: int, hw: tuple[int, int]) -> SVDCond:
+    g = torch.Generator().manual_seed(seed)
+    return SVDCond(
+        torch.randn(1, 1, tiny.CONTEXT_DIM, generator=g),
+        torch.randn(1, 4, *hw, generator=g),
+        TimeIds(6, 127, 0.02),
+    )
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps: int = 5) -> dict[str, Any]:
+    """Stored bytes (ours vs the authors'), matched/plain step time and peak memory of the largest layer."""
+    from ..hosts.diffusers.host import build_tiny_diffusers_host, sharpen_self_attention
+
+    torch.manual_seed(0)
+    host = sharpen_self_attention(build_tiny_diffusers_host(seed=0))
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(frames, 4, *latent_hw, generator=g)
+    src, edit = _cond(1, latent_hw), _cond(2, latent_hw)
+    steps = 6
+
+    # --- what our objects hold, tiny run, checked against the formula --------------------------------
+    tiny_layers = layer_table(latent_hw, tiny.block_channels(), tiny.HEAD_DIM)
+    inv = invert(host, z, src, steps=steps)
+    clip1 = MatchedClip(host, inv, edit)
+    res1 = clip1.run()
+    held_recompute = inv.stored_bytes() + EditKV(clip1, res1).stored_bytes()
+    assert held_recompute == 2 * trajectory_bytes(steps, frames, latent_hw)
+    step_cap = replay_source(host, inv, 0, store_dtype=torch.float16)
+    assert step_cap.nbytes() == capture_bytes(tiny_layers, frames, 2)
+    inv_cache = invert(host, z, src, steps=steps, mode="cache", capture_kv=True, store_dtype=torch.float16)
+    clip1c = MatchedClip(host, inv_cache, edit, mode="cache", store_dtype=torch.float16)
+    res1c = clip1c.run(capture_kv=True)
+    held_cache = inv_cache.stored_bytes() + res1c.stored_bytes()
+    expect_cache = steps * (
+        capture_bytes(tiny_layers, frames, 2)
+        + kv_bytes(tiny_layers, frames, 2)
+        + kv_bytes(tiny_layers, frames, 2, 2)
+    ) + 2 * trajectory_bytes(steps, frames, latent_hw)
+    assert held_cache == expect_cache, (held_cache, expect_cache)
+
+    # --- full size by the same formula -------------------------------------------------------------
+    full = layer_table(FULL_HW, FULL_CHANNELS, HEAD_DIM)
+    fF, fS = FULL_FRAMES, FULL_STEPS
+    authors = fS * capture_bytes(full, fF, 4) + fS * kv_bytes(full, fF, 4)
+    ours = 2 * trajectory_bytes(fS, fF, FULL_HW)  # source inversion + edited first clip's trajectory
+    ours_cache = fS * (capture_bytes(full, fF, 2) + kv_bytes(full, fF, 2) + kv_bytes(full, fF, 2, 2)) + ours
+
+    # --- step times on the tiny model ----------------------------------------------------------------
+    x = inv.x_T.clone()
+    uncond = edit.unconditional()
+    cfg = clip1.cfg
+
+    def plain_step():
+        out = host.denoise(x, 10.1, [uncond, edit])
+        return combine_cfg(out[0], out[1], cfg)
+
+    times = {"plain": _median_time(plain_step, reps)}
+    for k in (0, steps // 2, steps - 1):  # stage 1, stage 2, stage 3 of the temporal schedule
+        times[f"recompute_{k}"] = _median_time(lambda k=k: clip1.denoised(k, x), reps)
+        times[f"cache_{k}"] = _median_time(lambda k=k: clip1c.denoised(k, x), reps)
+    rec = statistics.mean(times[f"recompute_{k}"] for k in (0, steps // 2, steps - 1))
+    cac = statistics.mean(times[f"cache_{k}"] for k in (0, steps // 2, steps - 1))
+    inv2 = invert(host, z[: frames // 2], src, steps=steps, kv_source=SourceKV(host, inv))
+    clip2 = MatchedClip(host, inv2, edit, kv_source=EditKV(clip1, res1))
+    x2 = inv2.x_T.clone()
+    skip = statistics.mean(_median_time(lambda k=k: clip2.denoised(k, x2), reps) for k in (0, steps - 1))
+
+    # --- peak extra memory of the largest spatial layer, full size, meta device ---------------------
+    big = max(full, key=lambda lay: lay.tokens * lay.channels)
+    shape = (fF, big.tokens, big.channels)
+    q_e, k_e, v_e, q_s, k_s = (torch.empty(shape, device="meta", dtype=torch.float16) for _ in range(5))
+    tau = A.frame_thresholds(fF, (0.35, 0.35)).to("meta")
+    with track_allocations() as chunked:
+        A.spatial_match(q_e, k_e, v_e, q_s, k_s, big.heads, tau, MatchConfig().query_chunk)
+    with track_allocations() as reference:
+        A.spatial_match_reference(q_e, k_e, v_e, q_s, k_s, big.heads, tau)
+
+    # --- reconstruction from the inversion with the source frame, 25 steps --------------------------
+    inv25 = invert(host, z, src, steps=FULL_STEPS)
+    rel = lambda a: float((a - z).norm() / z.norm())  # noqa: E731
+    rec_plain = rel(matched_denoise(host, inv25, src, config=None, cfg=None).latents)
+    rec_matched = rel(matched_denoise(host, inv25, src, cfg=None).latents)
+
+    return {
+        "clip": {"height": 576, "width": 1024, "frames": fF, "steps": fS},
+        "stored_bytes_authors": authors,
+        "stored_bytes_authors_detail": {
+            "spatial_qk_fp32_all_steps": fS * capture_bytes(full, fF, 4, temporal=False),
+            "temporal_probs_fp32_all_steps": fS * capture_bytes(full, fF, 4, spatial=False),
+            "skip_interval_kv_fp32_all_steps": fS * kv_bytes(full, fF, 4),
+        },
+        "stored_bytes_ours": ours,
+        "stored_bytes_ours_detail": "recompute mode (default): source inversion trajectory + edited first clip's "
+        "trajectory (skip-interval K/V replayed), fp32 latents",
+        "transient_bytes_per_step_ours": capture_bytes(full, fF, 2),
+        "stored_bytes_ours_cache_mode": ours_cache,
+        "stored_bytes_ours_cache_mode_matching_only": fS * capture_bytes(full, fF, 2) + ours // 2,
+        "tiny_run_bytes_checked": {"recompute": held_recompute, "cache": held_cache},
+        "matched_over_plain_step_time": rec / times["plain"],
+        "matched_over_plain_step_time_cache_mode": cac / times["plain"],
+        "matched_over_plain_step_time_skip_interval_clip": skip / times["plain"],
+        "plain_step_seconds_tiny_cpu": times["plain"],
+        "tiny_step_setup": {"frames": frames, "latent_hw": list(latent_hw), "reps": reps, "median": True},
+        "peak_extra_bytes_spatial_layer": chunked.peak_bytes,
+        "peak_extra_bytes_spatial_layer_reference_path": reference.peak_bytes,
+        "spatial_layer": {
+            "tokens": big.tokens,
+            "channels": big.channels,
+            "heads": big.heads,
+            "frames": fF,
+            "query_chunk": MatchConfig().query_chunk,
+            "dtype": "float16 inputs, fp32 maps",
+        },
+        "reconstruction_rel_error_tiny_25_steps": {"plain": rec_plain, "matched": rec_matched},
+    }
+
+
+def bench_lora(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), steps: int = 6) -> dict[str, Any]:
+    """Seconds per training step and peak tensor memory on the tiny model, with and without checkpointing."""
+    from ..hosts.diffusers.host import build_tiny_diffusers_host
+    from ..hosts.diffusers.lora import DiffusersLoRATrainer
+    from ..lora.targets import lora_param_count, target_shapes
+    from ..lora.train import TrainConfig, train_motion_lora
+
+    host = build_tiny_diffusers_host(seed=0)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(frames, 4, *latent_hw, generator=g)
+    first = torch.randn(1, 4, *latent_hw, generator=g)
+    emb = torch.randn(1, 1, tiny.CONTEXT_DIM, generator=g)
+    out: dict[str, Any] = {
+        "model": "tiny random SVD (diffusers host, CPU)",
+        "frames": frames,
+        "latent_hw": list(latent_hw),
+        "rank": 32,
+        "lora_params_tiny": lora_param_count(target_shapes(host.unet, "temporal", "diffusers"), 32),
+        "lora_params_full_svd_rank32": 17_821_696,
+    }
+    for checkpointing in (False, True):
+        trainer = DiffusersLoRATrainer(host, rank=32, gradient_checkpointing=checkpointing)
+        cfg = TrainConfig(rank=32, steps=1)
+        train_motion_lora(trainer, z, first, emb, cfg)  # warm-up
+        times: list[float] = []
+        last = [time.perf_counter()]
+
+        def tick(_info, times=times, last=last):
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+        with track_allocations() as mem:
+            last[0] = time.perf_counter()
+            train_motion_lora(trainer, z, first, emb, TrainConfig(rank=32, steps=steps), callback=tick)
+        key = "with_checkpointing" if checkpointing else "without_checkpointing"
+        out[key] = {"seconds_per_step": statistics.median(times), "peak_tensor_bytes": mem.peak_bytes}
+    out["seconds_per_step"] = out["without_checkpointing"]["seconds_per_step"]
+    out["peak_memory_bytes"] = out["without_checkpointing"]["peak_tensor_bytes"]
+    return out
