@@ -113,7 +113,7 @@ def _export_loras(reuse: Path, out: Path) -> list[str]:
 
 def run_demo(out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Every stage on a tiny random SVD: no downloads. Writes videos, comparison, LoRAs and a report."""
-    from .hosts.diffusers.host import build_tiny_diffusers_host, sharpen_self_attention
+    from .hosts.diffusers.tiny import build_tiny_diffusers_host, sharpen_self_attention
     from .io.video import write_video
     from .run.pipeline import EditSettings, edit_frames
 

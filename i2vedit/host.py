@@ -1,13 +1,14 @@
-"""The host protocol: the few questions the method asks of a model library.
+"""The host protocol: the few questions the method asks of a model library, and what it builds on them.
 
-A host evaluates SVD's EDM denoiser D(x; σ, cond), runs k-diffusion-shaped sampler functions over
-it, encodes the CLIP image embedding and VAE latents, and decodes latents in frame chunks.
-Everything else (SARP, schedules, inversion, matching, chaining) is host-free.
+A host evaluates SVD's EDM denoiser D(x; σ, cond), encodes the CLIP image embedding and VAE
+latents, decodes latents in frame chunks, makes a trainable LoRA'd copy of its UNet
+(``LoRATrainable``) and attaches a trained motion LoRA. Everything else (SARP, schedules,
+inversion, matching, chaining, the training loop) is host-free.
 
-Conventions shared by every host:
+Conventions shared by every host (the data types are in ``svd``):
 - images are ComfyUI IMAGE tensors (frames, H, W, 3) in [0, 1];
-- sampling latents are (frames, 4, h, w) in the *scaled* space (raw VAE latent × 0.18215), one
-  video per tensor, frames on the batch axis, as in ComfyUI's LATENT;
+- sampling latents are (frames, 4, h, w) in the *scaled* space (raw VAE latent × ``LATENT_SCALE``),
+  one video per tensor, frames on the batch axis, as in ComfyUI's LATENT;
 - VAE methods take and return *raw* (unscaled) latents, as both libraries' VAEs do;
 - the conditioning latent (``SVDCond.concat_latent``) is raw, as SVD was trained.
 """
@@ -16,76 +17,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from .errors import I2VEditError
+from .svd import SVDCond
 
-LATENT_SCALE = 0.18215
-COND, UNCOND = "cond", "uncond"
+if TYPE_CHECKING:
+    from .lora.file import LoRAPair, LoRAWeights
 
 SamplerFn = Callable[..., torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TimeIds:
-    """SVD's micro-conditioning, as the values its embedding sees.
-
-    ``fps_id`` is diffusers' convention (frames per second minus one; ComfyUI's ``fps`` field is
-    this plus one). The paper's code uses 8 for inversion, 6 for training and output_fps − 1 for
-    denoising; SVD's default is 6.
-    """
-
-    fps_id: float = 6.0
-    motion_bucket_id: float = 127.0
-    noise_aug: float = 0.02
-
-    def as_list(self) -> list[float]:
-        return [float(self.fps_id), float(self.motion_bucket_id), float(self.noise_aug)]
-
-
-@dataclass(frozen=True)
-class SVDCond:
-    """Conditioning of one CFG branch.
-
-    ``clip_embed`` is (1, 1, D), the CLIP image embedding used as a one-token context;
-    ``concat_latent`` is (1 or F, 4, h, w) raw VAE latents concatenated to the input channels of
-    every frame (one latent is repeated over all frames).
-    """
-
-    clip_embed: torch.Tensor
-    concat_latent: torch.Tensor
-    time_ids: TimeIds = TimeIds()
-    kind: str = COND
-
-    def unconditional(self) -> SVDCond:
-        """The branch SVD's CFG uses as negative: zero embedding and zero latent, same ids."""
-        return replace(
-            self,
-            clip_embed=torch.zeros_like(self.clip_embed),
-            concat_latent=torch.zeros_like(self.concat_latent),
-            kind=UNCOND,
-        )
-
-    def check(self, x: torch.Tensor) -> None:
-        """Raise a clear error if this conditioning cannot go with latents ``x``."""
-        if self.clip_embed.ndim != 3 or self.clip_embed.shape[:2] != (1, 1):
-            raise I2VEditError(
-                f"clip_embed must be (1, 1, D), got {tuple(self.clip_embed.shape)}; encode one image."
-            )
-        lat = self.concat_latent
-        if lat.ndim != 4 or lat.shape[1] != x.shape[1] or lat.shape[2:] != x.shape[2:]:
-            raise I2VEditError(
-                f"conditioning latent {tuple(lat.shape)} does not fit the video latents "
-                f"{tuple(x.shape)}; encode the first frame at the video's resolution."
-            )
-        if lat.shape[0] not in (1, x.shape[0]):
-            raise I2VEditError(
-                f"conditioning latent has {lat.shape[0]} frames but the video has {x.shape[0]}; "
-                "give one latent (repeated over frames) or one per frame."
-            )
 
 
 def cfg_ramp(frames: int, min_scale: float = 1.0, max_scale: float = 2.0) -> torch.Tensor:
@@ -112,25 +54,6 @@ class SVDHost(Protocol):
         """D(x; σ, c) for each conditioning in one batched call: (len(conds), F, 4, h, w), float32."""
         ...
 
-    def sample(
-        self,
-        sampler: SamplerFn,
-        x: torch.Tensor,
-        sigmas: torch.Tensor,
-        cond: SVDCond,
-        uncond: SVDCond | None = None,
-        cfg: torch.Tensor | None = None,
-        callback: Callable[[dict[str, Any]], None] | None = None,
-        disable: bool | None = None,
-        transformer_options: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        """Run a k-diffusion-shaped ``sampler`` from ``x`` over ``sigmas`` with per-frame CFG ``cfg``.
-
-        Without ``uncond`` (or with ``cfg`` None) the model is called once per step on ``cond``
-        alone, as inversion does. Returns latents in the scaled space, float32.
-        """
-        ...
-
     def encode_clip(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings (N, 1, D) of IMAGE tensors."""
         ...
@@ -147,6 +70,50 @@ class SVDHost(Protocol):
 
     def fingerprint(self) -> str:
         """Identifies the base SVD weights (``weights_fingerprint``); equal across hosts for equal weights."""
+        ...
+
+    def lora_trainer(
+        self,
+        rank: int = 32,
+        target_set: str = "temporal",
+        dropout: float = 0.1,
+        *,
+        gradient_checkpointing: bool = False,
+        init_seed: int = 0,
+    ) -> LoRATrainable:
+        """A trainable motion LoRA on this host's UNet, starting from the seeded initial LoRA."""
+        ...
+
+    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> SVDHost:
+        """This host's model with a trained motion LoRA attached (this host is not changed)."""
+        ...
+
+
+class LoRATrainable(Protocol):
+    """What the host-free training loop (``lora.train``) needs from a host's trainable LoRA."""
+
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The LoRA tensors in a fixed order, named ``<comfy module>.lora_down`` / ``.lora_up``."""
+        ...
+
+    def train_denoise(
+        self, x: torch.Tensor, sigma: float, cond: SVDCond, transformer_options: dict[str, Any]
+    ) -> torch.Tensor:
+        """D(x; σ, cond) with gradients into the LoRA, (frames, 4, h, w) float32."""
+        ...
+
+    def set_dropout(self, active: bool) -> None: ...
+
+    def fingerprint(self) -> str:
+        """The base model's ``SVDHost.fingerprint`` (the LoRA does not change it)."""
+        ...
+
+    def export(self) -> dict[str, LoRAPair]:
+        """Detached CPU float32 copies of the LoRA by ComfyUI module name (alpha = rank: scale 1)."""
+        ...
+
+    def load(self, modules: dict[str, LoRAPair]) -> None:
+        """Set the LoRA from ``modules`` (every trained module, shapes as trained)."""
         ...
 
 

@@ -1,25 +1,94 @@
-"""The SVD contract both hosts share: the 16 transformer positions and the UNet key map.
+"""The SVD contract every part shares: latents, conditioning, the 16+16 attention layers, the key map.
 
-Positions (method.md §0.1): each holds one spatial and one temporal self-attention layer, listed in
-forward order, which is also ComfyUI's ``transformer_index``.
+- Latents: sampling latents are raw VAE latents × ``LATENT_SCALE`` (frames, 4, h, w), one video
+  per tensor with frames on the batch axis, as in ComfyUI's LATENT.
+- Conditioning (``SVDCond``): the CLIP image embedding as a one-token context, a raw VAE latent
+  concatenated to every frame's input channels, and the micro-conditioning ``TimeIds``.
+- Positions (method.md §0.1): 16 transformer positions, each holding one spatial and one temporal
+  self-attention layer, in forward order (also ComfyUI's ``transformer_index``), named for both
+  model libraries.
+- Key map: pure string rules between ComfyUI's (SGM) UNet state-dict keys and diffusers'
+  ``UNetSpatioTemporalConditionModel``. Keys are relative to the UNet itself: ComfyUI's
+  ``diffusion_model.`` / single-file checkpoints' ``model.diffusion_model.`` prefix is stripped by
+  the caller (``strip_prefix``). The layout is SVD's: 4 levels with 2 res blocks each, attention at
+  the first three down levels, the middle and the last three up levels; channel counts are free,
+  so the same map serves the full model and the tiny test models.
 
-Key map: the state-dict key map between ComfyUI's (SGM) SVD UNet and diffusers' UNetSpatioTemporalConditionModel.
-
-Pure string rules, no model library imported. Keys are relative to the UNet itself: ComfyUI's
-``diffusion_model.`` / single-file checkpoints' ``model.diffusion_model.`` prefix is stripped by
-the caller (``strip_prefix``). The layout is SVD's: 4 levels with 2 res blocks each, attention at
-the first three down levels, the middle and the last three up levels; channel counts are free, so
-the same map serves the full model and the tiny test models.
+No model library is imported here.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
+import torch
+
 from .errors import I2VEditError
+
+LATENT_SCALE = 0.18215
+COND, UNCOND = "cond", "uncond"
+
+
+@dataclass(frozen=True)
+class TimeIds:
+    """SVD's micro-conditioning, as the values its embedding sees.
+
+    ``fps_id`` is diffusers' convention (frames per second minus one; ComfyUI's ``fps`` field is
+    this plus one). The paper's code uses 8 for inversion, 6 for training and output_fps − 1 for
+    denoising; SVD's default is 6.
+    """
+
+    fps_id: float = 6.0
+    motion_bucket_id: float = 127.0
+    noise_aug: float = 0.02
+
+    def as_list(self) -> list[float]:
+        return [float(self.fps_id), float(self.motion_bucket_id), float(self.noise_aug)]
+
+
+@dataclass(frozen=True)
+class SVDCond:
+    """Conditioning of one CFG branch.
+
+    ``clip_embed`` is (1, 1, D), the CLIP image embedding used as a one-token context;
+    ``concat_latent`` is (1 or F, 4, h, w) raw VAE latents concatenated to the input channels of
+    every frame (one latent is repeated over all frames).
+    """
+
+    clip_embed: torch.Tensor
+    concat_latent: torch.Tensor
+    time_ids: TimeIds = TimeIds()
+    kind: str = COND
+
+    def unconditional(self) -> SVDCond:
+        """The branch SVD's CFG uses as negative: zero embedding and zero latent, same ids."""
+        return replace(
+            self,
+            clip_embed=torch.zeros_like(self.clip_embed),
+            concat_latent=torch.zeros_like(self.concat_latent),
+            kind=UNCOND,
+        )
+
+    def check(self, x: torch.Tensor) -> None:
+        """Raise a clear error if this conditioning cannot go with latents ``x``."""
+        if self.clip_embed.ndim != 3 or self.clip_embed.shape[:2] != (1, 1):
+            raise I2VEditError(
+                f"clip_embed must be (1, 1, D), got {tuple(self.clip_embed.shape)}; encode one image."
+            )
+        lat = self.concat_latent
+        if lat.ndim != 4 or lat.shape[1] != x.shape[1] or lat.shape[2:] != x.shape[2:]:
+            raise I2VEditError(
+                f"conditioning latent {tuple(lat.shape)} does not fit the video latents "
+                f"{tuple(x.shape)}; encode the first frame at the video's resolution."
+            )
+        if lat.shape[0] not in (1, x.shape[0]):
+            raise I2VEditError(
+                f"conditioning latent has {lat.shape[0]} frames but the video has {x.shape[0]}; "
+                "give one latent (repeated over frames) or one per frame."
+            )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.host import LATENT_SCALE
 from ..i2vedit.io import frames as C
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.controller import PRESETS, MatchConfig
@@ -18,6 +17,7 @@ from ..i2vedit.method.matching import EditKV, MatchedClip, SourceKV
 from ..i2vedit.run import pipeline as P
 from ..i2vedit.run.pipeline import EditSettings, edit_frames, video_clip_ranges
 from ..i2vedit.run.stages import SEED_CONDITION, denoise_time_ids, edit_conditioning, generator
+from ..i2vedit.svd import LATENT_SCALE
 from .common import (
     CATEGORY,
     MEMORY_MODES,

@@ -6,7 +6,6 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.host import LATENT_SCALE
 from ..i2vedit.io import frames as C
 from ..i2vedit.method.inversion import invert
 from ..i2vedit.run.pipeline import EditSettings
@@ -19,6 +18,7 @@ from ..i2vedit.run.stages import (
     reconstruct,
     save_inversion,
 )
+from ..i2vedit.svd import LATENT_SCALE
 from .common import (
     CATEGORY,
     CLIP_INDEX_TOOLTIP,

@@ -13,12 +13,12 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.host import LATENT_SCALE
 from ..i2vedit.hosts.comfy.lora import PREFIX, comfy_lora_model
 from ..i2vedit.lora.file import LoRAWeights, load_lora, save_lora
 from ..i2vedit.lora.targets import TARGET_SETS
 from ..i2vedit.lora.train import LoRATrainingError, TrainConfig
 from ..i2vedit.run.stages import SEED_TRAIN, derived_seed, train_clip_lora
+from ..i2vedit.svd import LATENT_SCALE
 from .common import (
     CATEGORY,
     LORA_FOLDER,

@@ -44,7 +44,7 @@ def comfy() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_diffusers_host():
-    from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+    from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 
     return build_tiny_diffusers_host(seed=0)
 
@@ -60,7 +60,7 @@ def sharpen_self_attention(host, factor: float = 3.0):
     from i2vedit.svd import POSITIONS
 
     if hasattr(host, "unet"):
-        from i2vedit.hosts.diffusers.host import sharpen_self_attention as sharpen_diffusers
+        from i2vedit.hosts.diffusers.tiny import sharpen_self_attention as sharpen_diffusers
 
         return sharpen_diffusers(host, factor)
     root = host.patcher.model.diffusion_model

@@ -89,7 +89,7 @@ def test_edit_fails_clearly_before_computing(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_host():
-    from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+    from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 
     return build_tiny_diffusers_host(seed=0)
 
@@ -300,10 +300,9 @@ def test_a_damaged_or_foreign_diffusers_folder_is_named(tmp_path, svd_folder, ca
 
 
 def test_a_single_file_with_a_tensor_of_the_wrong_rank_is_named(tmp_path, tiny_host, capsys):
+    from fixtures.sgm_writer import write_single_file
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-
-    from i2vedit.hosts.diffusers.single_file import write_single_file
 
     good = write_single_file(tiny_host, tmp_path / "good.safetensors")
     with safe_open(str(good), "pt") as f:

@@ -5,9 +5,9 @@ import torch
 from conftest import align_groupnorm_eps
 
 from i2vedit.errors import NotSVDModelError
-from i2vedit.host import LATENT_SCALE, SVDCond, TimeIds, cfg_ramp
+from i2vedit.host import cfg_ramp
 from i2vedit.method import samplers, schedules
-from i2vedit.svd import POSITIONS
+from i2vedit.svd import LATENT_SCALE, POSITIONS, SVDCond, TimeIds
 
 pytestmark = pytest.mark.usefixtures("comfy")
 F, h, w = 5, 8, 12
@@ -15,7 +15,7 @@ F, h, w = 5, 8, 12
 
 @pytest.fixture(scope="module")
 def hosts(comfy, tiny_diffusers_host):
-    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
+    from fixtures.tiny_comfy import build_tiny_comfy_host
 
     return build_tiny_comfy_host(seed=0, with_vae=True), tiny_diffusers_host
 
@@ -32,8 +32,8 @@ def test_full_size_svd_goes_through_comfy_model_detection(comfy):
     import comfy.model_detection
     import comfy.supported_models
     from diffusers import UNetSpatioTemporalConditionModel
+    from fixtures.tiny_comfy import build_svd_patcher
 
-    from i2vedit.hosts.comfy.host import build_svd_patcher
     from i2vedit.svd import comfy_to_diffusers
 
     patcher = build_svd_patcher(device="meta")
@@ -59,8 +59,9 @@ def test_detected_full_size_model_gets_16_plus_16_attention_patches_and_lora_tar
     """The model ComfyUI builds from a detected full-size SVD checkpoint, as the nodes receive it."""
     import comfy.model_detection
     import comfy.model_patcher
+    from fixtures.tiny_comfy import build_svd_patcher
 
-    from i2vedit.hosts.comfy.host import ComfySVDHost, build_svd_patcher
+    from i2vedit.hosts.comfy.host import ComfySVDHost
     from i2vedit.lora.targets import lora_param_count, target_shapes
 
     sd = build_svd_patcher(device="meta").model.diffusion_model.state_dict()
@@ -119,7 +120,7 @@ def test_inversion_runs_as_a_stock_ksampler(hosts, cond):
         seen.append(extra_args["model_options"]["transformer_options"]["i2v_phase"])
         return out
 
-    from i2vedit.hosts.comfy.host import to_conditioning
+    from i2vedit.hosts.comfy.patches import to_conditioning
 
     stock = comfy.sample.sample_custom(
         comfy_host.patcher, torch.zeros_like(z0), 1.0, comfy.samplers.KSAMPLER(recording_inversion), sig,

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from i2vedit.errors import I2VEditError
-from i2vedit.host import LATENT_SCALE, CFGDenoiser, SVDCond, SVDHost, TimeIds, cfg_ramp
-from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+from i2vedit.host import CFGDenoiser, SVDHost, cfg_ramp
+from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 from i2vedit.method import samplers, schedules
+from i2vedit.svd import LATENT_SCALE, SVDCond, TimeIds
 
 F, H, W = 5, 64, 96
 

@@ -18,7 +18,6 @@ import torch
 from conftest import align_groupnorm_eps
 
 from i2vedit.errors import LoRAError
-from i2vedit.host import LATENT_SCALE, SVDCond, TimeIds
 from i2vedit.lora.file import LoRAPair, LoRAWeights, load_lora, save_lora
 from i2vedit.lora.train import (
     LoRATrainingError,
@@ -29,6 +28,7 @@ from i2vedit.lora.train import (
     train_motion_lora,
 )
 from i2vedit.method.controller import CONTROLLER_KEY, AttentionController
+from i2vedit.svd import LATENT_SCALE, SVDCond, TimeIds
 
 pytestmark = pytest.mark.usefixtures("comfy")
 F, H, W = 4, 8, 16
@@ -102,7 +102,7 @@ def comfy_nodes():
 
 @pytest.fixture(scope="module")
 def comfy_host(comfy):
-    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
+    from fixtures.tiny_comfy import build_tiny_comfy_host
 
     return build_tiny_comfy_host(seed=0)
 
@@ -235,20 +235,16 @@ def test_saved_lora_loads_through_loraloadermodelonly(trained, comfy_host, cond,
 def test_same_file_gives_the_same_output_in_the_diffusers_host(
     trained, comfy_host, tiny_diffusers_host, cond, x_in
 ):
-    from i2vedit.hosts.comfy.lora import comfy_lora_host
-    from i2vedit.hosts.diffusers.lora import diffusers_lora_host
 
     weights = trained.result.weights
-    ours = comfy_lora_host(comfy_host, weights)
-    ref = diffusers_lora_host(align_groupnorm_eps(tiny_diffusers_host), weights)
+    ours = comfy_host.with_lora(weights)
+    ref = align_groupnorm_eps(tiny_diffusers_host).with_lora(weights)
     for sigma in SIGMAS:
         x = x_in * max(sigma, 1.0)
         a, b = ours.denoise(x, sigma, [cond]), ref.denoise(x, sigma, [cond])
         assert (a - b).abs().max() <= 1e-4 * b.abs().max(), float((a - b).abs().max())
-    half = comfy_lora_host(comfy_host, weights, strength=0.5).denoise(x, sigma, [cond])
-    ref_half = diffusers_lora_host(align_groupnorm_eps(tiny_diffusers_host), weights, 0.5).denoise(
-        x, sigma, [cond]
-    )
+    half = comfy_host.with_lora(weights, strength=0.5).denoise(x, sigma, [cond])
+    ref_half = align_groupnorm_eps(tiny_diffusers_host).with_lora(weights, 0.5).denoise(x, sigma, [cond])
     assert (half - ref_half).abs().max() <= 1e-4 * ref_half.abs().max()
     assert (half - a).abs().max() > 1e-4
 
@@ -284,7 +280,8 @@ def test_branch_dropout_is_the_authors_and_off_means_no_correction(
 
 def test_training_inside_inference_mode(comfy_host):
     """As in a node: the MODEL was loaded under inference mode, the training node switches it off."""
-    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
+    from fixtures.tiny_comfy import build_tiny_comfy_host
+
     from i2vedit.hosts.comfy.lora import ComfyLoRATrainer
 
     latents, first, embed = smooth_clip()

@@ -564,8 +564,8 @@ def test_comfyui_applies_the_file_as_W_plus_up_down(tmp_path):
 
     import comfy.sd
     import comfy.utils
+    from fixtures.tiny_comfy import build_svd_patcher
 
-    from i2vedit.hosts.comfy.host import build_svd_patcher
     from i2vedit.hosts.diffusers import tiny
     from i2vedit.lora.targets import target_shapes
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from i2vedit.errors import I2VEditError, LoRAError
-from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
-from i2vedit.hosts.diffusers.lora import DiffusersLoRATrainer, diffusers_lora_host
+from i2vedit.hosts.diffusers.lora import DiffusersLoRATrainer
+from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 from i2vedit.lora.file import load_lora, save_lora
 from i2vedit.lora.train import (
     LoRATrainingError,
@@ -105,7 +105,7 @@ def test_save_then_load_gives_the_same_model_output(host, tmp_path):
     path = save_lora(tmp_path / "clip0.safetensors", result.weights)
     loaded = load_lora(path)
     assert loaded.steps == 3 and loaded.rank == 8 and loaded.target_set == "temporal"
-    fresh = diffusers_lora_host(host, loaded)
+    fresh = host.with_lora(loaded)
     trainer.set_dropout(False)
     cond = trainer_cond(first, emb)
     x = torch.randn(F, 4, H, W, generator=torch.Generator().manual_seed(2))
@@ -115,8 +115,8 @@ def test_save_then_load_gives_the_same_model_output(host, tmp_path):
 
 
 def trainer_cond(first, emb):
-    from i2vedit.host import SVDCond
     from i2vedit.lora.train import TRAIN_TIME_IDS
+    from i2vedit.svd import SVDCond
 
     return SVDCond(emb, first, TRAIN_TIME_IDS)
 
@@ -189,25 +189,26 @@ def test_a_lora_from_another_model_or_target_set_is_refused_with_the_keys(host, 
     assert len(attn_only.weights.modules) == 128
     loaded = load_lora(save_lora(tmp_path / "attn.safetensors", attn_only.weights))
     assert loaded.target_set == "temporal_attention"
-    assert diffusers_lora_host(host, loaded) is not None  # fits its own target set
+    assert host.with_lora(loaded) is not None  # fits its own target set
     wide = build_tiny_diffusers_host(seed=0)
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from i2vedit.hosts.diffusers.host import DiffusersSVDHost, tiny_unet_config
+    from i2vedit.hosts.diffusers.host import DiffusersSVDHost
+    from i2vedit.hosts.diffusers.tiny import tiny_unet_config
 
     cfg = tiny_unet_config()
     cfg["block_out_channels"] = tuple(2 * c for c in cfg["block_out_channels"])
     other = DiffusersSVDHost(UNetSpatioTemporalConditionModel(**cfg), wide.vae, wide.image_encoder)
     with pytest.raises(LoRAError) as e:
-        diffusers_lora_host(other, loaded)
+        other.with_lora(loaded)
     assert "time_stack" in str(e.value)
 
 
 def test_a_kv_source_of_another_model_is_refused_before_the_first_step(host):
     """The check compared the K/V source's fingerprint with itself, so any model's K/V were accepted."""
-    from i2vedit.host import SVDCond, TimeIds
     from i2vedit.method.inversion import invert
     from i2vedit.method.matching import SourceKV
+    from i2vedit.svd import SVDCond, TimeIds
 
     z, first, emb = clip_latents()
     other = build_tiny_diffusers_host(seed=7)
@@ -243,14 +244,14 @@ def test_trainers_and_lora_hosts_of_one_host_share_one_working_copy():
     w2 = train_motion_lora(
         DiffusersLoRATrainer(base, rank=4, init_seed=2), z, first, emb, _cfg(steps=2)
     ).weights
-    h1, h2 = diffusers_lora_host(base, w1), diffusers_lora_host(base, w2)
+    h1, h2 = base.with_lora(w1), base.with_lora(w2)
     outs = [h.denoise(x, 1.5, [cond]) for h in (h1, h2, h1, h2)]
     assert unets() == before + 1
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
     assert (outs[0] - outs[1]).abs().max() > 1e-5, "two LoRAs must give two models"
     # each equals the same LoRA on a host of its own (a fresh copy)
     alone = build_tiny_diffusers_host(seed=0)
-    assert torch.equal(diffusers_lora_host(alone, w1).denoise(x, 1.5, [cond]), outs[0])
+    assert torch.equal(alone.with_lora(w1).denoise(x, 1.5, [cond]), outs[0])
     # a trainer on a reused copy starts from the same LoRA as on a fresh one (peft's own draws)
     reused = DiffusersLoRATrainer(base, rank=4, init_seed=5).export()
     fresh = DiffusersLoRATrainer(build_tiny_diffusers_host(seed=0), rank=4, init_seed=5).export()
@@ -270,8 +271,8 @@ def test_a_working_copy_made_before_the_weights_changed_is_made_again():
     w = train_motion_lora(DiffusersLoRATrainer(base, rank=4), z, first, emb, _cfg(steps=1)).weights
     cond = trainer_cond(first, emb)
     x = torch.randn(F, 4, H, W, generator=torch.Generator().manual_seed(2))
-    before = diffusers_lora_host(base, w).denoise(x, 1.5, [cond])
+    before = base.with_lora(w).denoise(x, 1.5, [cond])
     with torch.no_grad():
         base.unet.conv_in.weight.mul_(1.5)
-    after = diffusers_lora_host(base, w).denoise(x, 1.5, [cond])
+    after = base.with_lora(w).denoise(x, 1.5, [cond])
     assert (after - before).abs().max() > 1e-4

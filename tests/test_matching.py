@@ -7,11 +7,11 @@ import torch
 from conftest import sharpen_self_attention
 
 from i2vedit.errors import I2VEditError
-from i2vedit.host import SVDCond, TimeIds
 from i2vedit.method import samplers
 from i2vedit.method.controller import CONTROLLER_KEY, AttentionController, MatchConfig
 from i2vedit.method.inversion import invert, replay_source
 from i2vedit.method.matching import EditKV, MatchedClip, SourceKV, matched_denoise
+from i2vedit.svd import SVDCond, TimeIds
 
 F, h, w = 4, 8, 16
 STEPS = 5
@@ -20,11 +20,11 @@ STEPS = 5
 @pytest.fixture(scope="module", params=["diffusers", "comfyui"])
 def host(request):
     if request.param == "diffusers":
-        from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+        from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 
         return sharpen_self_attention(build_tiny_diffusers_host(seed=0))
     request.getfixturevalue("comfy")
-    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
+    from fixtures.tiny_comfy import build_tiny_comfy_host
 
     return sharpen_self_attention(build_tiny_comfy_host(seed=0))
 
@@ -199,7 +199,7 @@ def test_an_edit_frame_of_another_resolution_is_refused_before_sampling(host, in
 
 
 def test_an_inversion_from_another_model_is_refused_before_sampling(host, inversions, no_model_calls):
-    from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+    from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 
     other = build_tiny_diffusers_host(seed=1)
     with pytest.raises(I2VEditError, match="another model"):

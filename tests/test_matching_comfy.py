@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import align_groupnorm_eps, sharpen_self_attention
 
-from i2vedit.host import SVDCond, TimeIds
 from i2vedit.method.controller import CONTROLLER_KEY, AttentionController, MatchConfig
 from i2vedit.method.inversion import invert
 from i2vedit.method.matching import EditKV, MatchedClip, SourceKV, matched_denoise
+from i2vedit.svd import SVDCond, TimeIds
 
 pytestmark = pytest.mark.usefixtures("comfy")
 F, h, w = 4, 8, 16
@@ -17,8 +17,9 @@ F, h, w = 4, 8, 16
 
 @pytest.fixture(scope="module")
 def hosts(comfy):
-    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
-    from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+    from fixtures.tiny_comfy import build_tiny_comfy_host
+
+    from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 
     comfy_host = sharpen_self_attention(build_tiny_comfy_host(seed=0))
     diffusers_host = align_groupnorm_eps(sharpen_self_attention(build_tiny_diffusers_host(seed=0)))

@@ -27,7 +27,7 @@ SEED, STEPS, LORA_STEPS, RANK, FPS = 7, 3, 2, 4, 8.0
 
 @pytest.fixture(scope="module")
 def tiny(comfy):
-    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
+    from fixtures.tiny_comfy import build_tiny_comfy_host
 
     return sharpen_self_attention(build_tiny_comfy_host(seed=0, with_vae=True))
 
@@ -93,7 +93,7 @@ def test_single_stage_nodes_equal_the_pipeline_over_two_clips(pack, tiny, video)
 def test_inversion_check_reports_psnr_of_a_plain_euler_reconstruction(pack, tiny, video):
     import comfy.k_diffusion.sampling as kd
 
-    from i2vedit.host import LATENT_SCALE
+    from i2vedit.svd import LATENT_SCALE
 
     frames, _ = video
     clip = frames[:4]
@@ -133,7 +133,7 @@ def test_sample_frames_and_select_clip(pack):
 
 
 def test_bad_inputs_are_refused_before_any_model_call(pack, tiny, video):
-    from i2vedit.hosts.comfy.host import build_tiny_comfy_host
+    from fixtures.tiny_comfy import build_tiny_comfy_host
 
     frames, edited = video
     clip = frames[:4]

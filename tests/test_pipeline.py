@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from i2vedit.errors import I2VEditError
-from i2vedit.hosts.diffusers.host import build_tiny_diffusers_host
+from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 from i2vedit.method.controller import MatchConfig
 from i2vedit.run.pipeline import EditSettings, edit_frames, edit_video
 

@@ -7,14 +7,19 @@ import re
 import pytest
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from fixtures.sgm_writer import (
+    clip_transformers_to_open_clip,
+    sgm_state_dict,
+    vae_diffusers_to_sgm,
+    write_single_file,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from i2vedit.cli import load_diffusers_host, main
 from i2vedit.errors import I2VEditError, ModelFileError, NotSVDModelError
-from i2vedit.host import SVDCond, TimeIds
-from i2vedit.hosts.diffusers.host import DiffusersSVDHost, build_tiny_diffusers_host
+from i2vedit.hosts.diffusers.host import DiffusersSVDHost
 from i2vedit.hosts.diffusers.single_file import (
     CLIP_PREFIX,
     SVD_VAE_CONFIG,
@@ -22,14 +27,12 @@ from i2vedit.hosts.diffusers.single_file import (
     VAE_PREFIX,
     check_single_file,
     clip_open_clip_to_transformers,
-    clip_transformers_to_open_clip,
     load_single_file,
-    sgm_state_dict,
-    vae_diffusers_to_sgm,
     vae_sgm_to_diffusers,
-    write_single_file,
 )
+from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 from i2vedit.io.video import write_video
+from i2vedit.svd import SVDCond, TimeIds
 
 VIT_H = {
     "hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "patch_size": 14,
@@ -528,7 +531,7 @@ def test_clip_conversion_matches_comfyui(full_meta):
 
 @pytest.mark.usefixtures("comfy")
 def test_vae_matches_comfyui_full_width():
-    from i2vedit.hosts.comfy.host import build_svd_vae
+    from fixtures.tiny_comfy import build_svd_vae
 
     engine = build_svd_vae(seed=0).first_stage_model.eval()
     sgm = _random_like(engine.state_dict(), seed=7)
@@ -559,8 +562,8 @@ def test_written_files_go_through_comfyui_detection(full_meta, tiny_file):
     import comfy.model_detection
     import comfy.supported_models
     import comfy.utils
+    from fixtures.tiny_comfy import build_svd_patcher
 
-    from i2vedit.hosts.comfy.host import build_svd_patcher
     from i2vedit.hosts.diffusers import tiny
 
     sd = sgm_state_dict(*full_meta)

@@ -18,18 +18,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import I2VEditError, LoRAError
-from ..host import SVDCond, TimeIds
+from ..host import LoRATrainable
 from ..io.files import save_safetensors_atomic
 from ..method import edm
 from ..method.controller import CONTROLLER_KEY, AttentionController
-from .file import LoRAPair, LoRAWeights, load_lora, save_lora
+from ..svd import SVDCond, TimeIds
+from .file import LoRAWeights, load_lora, save_lora
 from .targets import check_target_set
 
 log = logging.getLogger("i2vedit")
@@ -74,34 +75,6 @@ class TrainConfig:
             raise I2VEditError(f"checkpoint_every must be at least 1 step, got {self.checkpoint_every}.")
         check_target_set(self.target_set)
         return self
-
-
-class LoRATrainable(Protocol):
-    """What the training loop needs from a host's LoRA'd private UNet copy."""
-
-    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The LoRA tensors in a fixed order, named ``<comfy module>.lora_down`` / ``.lora_up``."""
-        ...
-
-    def train_denoise(
-        self, x: torch.Tensor, sigma: float, cond: SVDCond, transformer_options: dict[str, Any]
-    ) -> torch.Tensor:
-        """D(x; σ, cond) with gradients into the LoRA, (frames, 4, h, w) float32."""
-        ...
-
-    def set_dropout(self, active: bool) -> None: ...
-
-    def fingerprint(self) -> str:
-        """The base model's ``SVDHost.fingerprint`` (the LoRA does not change it)."""
-        ...
-
-    def export(self) -> dict[str, LoRAPair]:
-        """Detached CPU float32 copies of the LoRA by ComfyUI module name (alpha = rank: scale 1)."""
-        ...
-
-    def load(self, modules: dict[str, LoRAPair]) -> None:
-        """Set the LoRA from ``modules`` (every trained module, shapes as trained)."""
-        ...
 
 
 def training_sigma(u: torch.Tensor) -> torch.Tensor:

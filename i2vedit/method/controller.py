@@ -23,8 +23,7 @@ from typing import Literal
 import torch
 
 from ..errors import I2VEditError
-from ..host import COND, UNCOND
-from ..svd import POSITIONS
+from ..svd import COND, POSITIONS, UNCOND
 from . import attention as A
 from .schedules import paired_inversion_step
 

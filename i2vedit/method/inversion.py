@@ -20,7 +20,8 @@ from typing import Any, Literal
 import torch
 
 from ..errors import I2VEditError
-from ..host import SVDCond, SVDHost
+from ..host import SVDHost
+from ..svd import SVDCond
 from . import schedules
 from .controller import CONTROLLER_KEY, AttentionController, CaptureKind, StepCapture
 from .samplers import PHASE_INVERT, PHASE_KEY, STEP_KEY, STEPS_KEY

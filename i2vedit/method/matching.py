@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import I2VEditError
-from ..host import SVDCond, SVDHost, cfg_ramp, check_cfg, combine_cfg
+from ..host import SVDHost, cfg_ramp, check_cfg, combine_cfg
+from ..svd import SVDCond
 from . import schedules
 from .controller import (
     AttentionController,

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import I2VEditError
-from ..host import LATENT_SCALE, SVDHost
+from ..host import SVDHost
 from ..io import frames as C
 from ..io.files import save_safetensors_atomic, writable_folder, write_text_atomic
 from ..lora.file import LoRAWeights, load_lora, save_lora
@@ -43,6 +43,7 @@ from ..method.controller import MatchConfig
 from ..method.inversion import Inversion, MemoryMode, check_mode, invert
 from ..method.matching import EditKV, MatchedClip, MatchedResult, SourceKV
 from ..method.sarp import sarp
+from ..svd import LATENT_SCALE
 from .stages import (
     SEED_CONDITION,
     SEED_ENCODE,

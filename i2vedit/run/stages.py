@@ -16,12 +16,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import I2VEditError
-from ..host import LATENT_SCALE, SVDCond, SVDHost, TimeIds
+from ..host import SVDHost
 from ..io.files import save_safetensors_atomic
 from ..lora.file import LoRAWeights
 from ..lora.train import TrainConfig, TrainResult, train_motion_lora
 from ..method.inversion import Inversion
 from ..method.matching import matched_denoise
+from ..svd import LATENT_SCALE, SVDCond, TimeIds
 
 INVERSION_FORMAT = "i2vedit.inversion/1"
 

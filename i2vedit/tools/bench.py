@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from ..host import SVDCond, TimeIds, combine_cfg
+from ..host import combine_cfg
 from ..hosts.diffusers import tiny
 from ..method import attention as A
 from ..method.controller import MatchConfig
 from ..method.inversion import invert, replay_source
 from ..method.matching import EditKV, MatchedClip, SourceKV, matched_denoise
-from ..svd import POSITIONS
+from ..svd import POSITIONS, SVDCond, TimeIds
 from .memtrack import track_allocations
 
 FULL_HW = (72, 128)  # 576×1024 pixels
@@ -92,7 +92,7 @@ def _median_time(fn, reps: int) -> float:
 
 def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps: int = 5) -> dict[str, Any]:
     """Stored bytes (ours vs the authors'), matched/plain step time and peak memory of the largest layer."""
-    from ..hosts.diffusers.host import build_tiny_diffusers_host, sharpen_self_attention
+    from ..hosts.diffusers.tiny import build_tiny_diffusers_host, sharpen_self_attention
 
     torch.manual_seed(0)
     host = sharpen_self_attention(build_tiny_diffusers_host(seed=0))
@@ -200,8 +200,8 @@ def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps
 
 def bench_lora(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), steps: int = 6) -> dict[str, Any]:
     """Seconds per training step and peak tensor memory on the tiny model, with and without checkpointing."""
-    from ..hosts.diffusers.host import build_tiny_diffusers_host
     from ..hosts.diffusers.lora import DiffusersLoRATrainer
+    from ..hosts.diffusers.tiny import build_tiny_diffusers_host
     from ..lora.targets import lora_param_count, target_shapes
     from ..lora.train import TrainConfig, train_motion_lora
 

@@ -16,6 +16,7 @@ nodes and pack nodes would fail ``isinstance`` checks) and would hide a pack tha
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from types import ModuleType
@@ -43,6 +44,21 @@ def pack_module() -> ModuleType:
 def core(submodule: str) -> Any:
     """``i2vedit.<submodule>`` of the loaded pack, e.g. ``core("hosts.comfy.host")``."""
     return importlib.import_module(f"{pack_module().__name__}.i2vedit.{submodule}")
+
+
+def tiny_comfy() -> ModuleType:
+    """``tests/fixtures/tiny_comfy.py``, loaded by path and pointed at the core of the loaded pack."""
+    name = "i2vedit_test_tiny_comfy"
+    if name not in sys.modules:
+        path = os.path.join(PROJECT_ROOT, "tests", "fixtures", "tiny_comfy.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    module = sys.modules[name]
+    module.CORE = f"{pack_module().__name__}.i2vedit"
+    return module
 
 
 def sharpen_self_attention(patcher: Any, factor: float) -> None:
@@ -78,7 +94,7 @@ class TinySVD(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed: int, sharpen: float) -> io.NodeOutput:
-        host = core("hosts.comfy.host").build_tiny_comfy_host(seed=seed, with_vae=True)
+        host = tiny_comfy().build_tiny_comfy_host(seed=seed, with_vae=True)
         if sharpen != 1.0:
             sharpen_self_attention(host.patcher, sharpen)
         return io.NodeOutput(host.patcher, host.clip_vision, host.vae)

@@ -58,7 +58,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -69,11 +69,15 @@ import torch
 import torch.utils.checkpoint
 
 from ...errors import LoRAError
-from ...host import SVDCond, sigma_scalar
+from ...host import sigma_scalar
 from ...lora.file import LoRAPair, LoRAWeights, check_lora_fits, validate_rank
 from ...lora.peft_init import init_lora_pairs, peft_init_order
 from ...lora.targets import target_shapes
-from .host import ComfySVDHost, _DirectSampler, check_svd_model, to_conditioning, with_attention_control
+from ...svd import SVDCond
+from .patches import DirectSampler, check_svd_model, to_conditioning, with_attention_control
+
+if TYPE_CHECKING:
+    from .host import ComfySVDHost
 
 PREFIX = "diffusion_model."
 _COND = "positive"
@@ -221,6 +225,7 @@ class ComfyLoRATrainer:
         self.patcher = patcher
         self._host: ComfySVDHost | None = None
         self._clip_vision, self._vae = host.clip_vision, host.vae
+        self._host_type = type(host)  # ComfySVDHost, which imports this module
 
     # ---- LoRATrainable ---------------------------------------------------------------------------
 
@@ -270,7 +275,7 @@ class ComfyLoRATrainer:
             guider.sample(
                 zeros,
                 zeros,
-                _DirectSampler(one_call, x, None, True),
+                DirectSampler(one_call, x, None, True),
                 torch.tensor([s, 0.0]),
                 disable_pbar=True,
             )
@@ -317,7 +322,7 @@ class ComfyLoRATrainer:
     def host(self) -> ComfySVDHost:
         """A ComfySVDHost over the LoRA'd clone (live LoRA, never dropout; the user's MODEL untouched)."""
         if self._host is None:
-            self._host = ComfySVDHost(self._plain, self._clip_vision, self._vae)
+            self._host = self._host_type(self._plain, self._clip_vision, self._vae)
         return self._host
 
     # ---- internals -------------------------------------------------------------------------------
@@ -406,14 +411,8 @@ def comfy_lora_model(model: Any, weights: LoRAWeights, strength: float = 1.0) ->
     return new_model
 
 
-def comfy_lora_host(host: ComfySVDHost, weights: LoRAWeights, strength: float = 1.0) -> ComfySVDHost:
-    """A ComfySVDHost over ``comfy_lora_model(host.patcher, ...)`` (``host`` is not changed)."""
-    return ComfySVDHost(comfy_lora_model(host.patcher, weights, strength), host.clip_vision, host.vae)
-
-
 __all__ = [
     "ComfyLoRATrainer",
-    "comfy_lora_host",
     "comfy_lora_model",
     "init_lora_pairs",
     "peft_init_order",

@@ -11,65 +11,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection
 
 from ...errors import I2VEditError
-from ...host import COND, FINGERPRINT_KEYS, CFGDenoiser, SamplerFn, SVDCond, sigma_scalar, weights_fingerprint
+from ...host import FINGERPRINT_KEYS, CFGDenoiser, SamplerFn, sigma_scalar, weights_fingerprint
+from ...lora.file import LoRAWeights, check_lora_fits
+from ...lora.targets import target_shapes, to_comfy_name
 from ...method import edm
-from ...method.attention import sdpa_attention
-from ...method.controller import CONTROLLER_KEY, AttnCall, chunk_kinds
-from ...svd import POSITIONS
-from . import tiny
+from ...svd import COND, SVDCond
+from .lora import DiffusersLoRATrainer, lora_copy
+from .processors import install_attention_control
 
-
-class _CallOptions:
-    """The ``transformer_options`` of the current UNet call, shared by the UNet's 32 processors."""
-
-    def __init__(self) -> None:
-        self.options: dict[str, Any] = {}
-
-
-class ControlledSelfAttention:
-    """A diffusers attention processor for one of the 32 self-attention layers.
-
-    Without a controller in the call's ``transformer_options`` it computes exactly what diffusers'
-    ``AttnProcessor2_0`` does; with one it hands q, k, v (after the projections) to it.
-    """
-
-    def __init__(self, box: _CallOptions, index: int, temporal: bool) -> None:
-        self.box, self.index, self.temporal = box, index, temporal
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise I2VEditError("the I2VEdit processor serves self-attention without masks only.")
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        opts = self.box.options
-        ctrl = opts.get(CONTROLLER_KEY)
-        if ctrl is None:
-            out = sdpa_attention(q, k, v, attn.heads)
-        else:
-            kinds = chunk_kinds(opts.get("cond_or_uncond"), q.shape[0])
-            out = ctrl(q, k, v, AttnCall(self.index, self.temporal, attn.heads, kinds, sdpa_attention))
-        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-def install_attention_control(unet: UNetSpatioTemporalConditionModel) -> _CallOptions:
-    """Give the UNet's 16 spatial and 16 temporal self-attention layers controllable processors (once).
-
-    The processors compute what diffusers' default does unless a call's options hold a controller.
-    The options box travels with the UNet (a deep copy gets its own), so hosts find it there.
-    """
-    box = getattr(unet, "_i2v_call_options", None)
-    if box is None:
-        box = _CallOptions()
-        for pos in POSITIONS:
-            for name, temporal in ((pos.diffusers_spatial, False), (pos.diffusers_temporal, True)):
-                unet.get_submodule(name).set_processor(ControlledSelfAttention(box, pos.index, temporal))
-        unet._i2v_call_options = box
-    return box
+# OpenAI CLIP's pixel normalisation, which SVD's image encoder was trained with
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class DiffusersSVDHost:
@@ -83,8 +38,8 @@ class DiffusersSVDHost:
         vae: AutoencoderKLTemporalDecoder,
         image_encoder: CLIPVisionModelWithProjection,
         dtype: torch.dtype = torch.float32,
-        clip_mean: Sequence[float] = tiny.CLIP_MEAN,
-        clip_std: Sequence[float] = tiny.CLIP_STD,
+        clip_mean: Sequence[float] = CLIP_MEAN,
+        clip_std: Sequence[float] = CLIP_STD,
     ) -> None:
         if not isinstance(unet, UNetSpatioTemporalConditionModel):
             raise I2VEditError(
@@ -105,17 +60,21 @@ class DiffusersSVDHost:
         """Forget the last call's ``transformer_options`` (its attention controller and what it holds)."""
         install_attention_control(self.unet).options = {}
 
-    def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
-        """A trainable LoRA'd private copy of this UNet (``lora_train.LoRATrainable``)."""
-        from .lora import DiffusersLoRATrainer
-
+    def lora_trainer(
+        self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any
+    ) -> DiffusersLoRATrainer:
+        """A trainable LoRA in this host's LoRA'd working copy of its UNet (``host.LoRATrainable``)."""
         return DiffusersLoRATrainer(self, rank, target_set, dropout, **kw)
 
-    def with_lora(self, weights, strength: float = 1.0) -> DiffusersSVDHost:
+    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> DiffusersSVDHost:
         """This host's model with a motion LoRA applied (this host is not changed)."""
-        from .lora import diffusers_lora_host
+        return DiffusersLoRAHost(self, weights, strength)
 
-        return diffusers_lora_host(self, weights, strength)
+    def with_unet(self, unet: UNetSpatioTemporalConditionModel) -> DiffusersSVDHost:
+        """A host of ``unet`` with this host's VAE, image encoder and CLIP normalisation (fp32)."""
+        other = DiffusersSVDHost(unet, self.vae, self.image_encoder, dtype=torch.float32)
+        other.clip_mean, other.clip_std = self.clip_mean, self.clip_std
+        return other
 
     def fingerprint(self) -> str:
         params = dict(self.unet.named_parameters())
@@ -240,53 +199,31 @@ class DiffusersSVDHost:
         return ((out + 1.0) * 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
-def tiny_unet_config() -> dict[str, Any]:
-    return {
-        "sample_size": 8,
-        "block_out_channels": tiny.block_channels(),
-        "num_attention_heads": tiny.heads(),
-        "cross_attention_dim": tiny.CONTEXT_DIM,
-        "layers_per_block": 2,
-        "num_frames": 25,
-    }
+class DiffusersLoRAHost(DiffusersSVDHost):
+    """``base``'s model with a motion LoRA, run in ``base``'s one working copy (no copy of its own).
 
-
-def sharpen_self_attention(host: DiffusersSVDHost, factor: float = 3.0) -> DiffusersSVDHost:
-    """Scale the 32 self-attention layers' Q/K projections so a random-weight model's maps are peaked.
-
-    Random initialisation gives nearly uniform attention, on which matching has nothing to do; the
-    demo and benchmarks of random tiny models use this to make it work.
+    Before each model call it loads its LoRA into the copy, unless the copy holds it already.
     """
-    with torch.no_grad():
-        for pos in POSITIONS:
-            for name in (pos.diffusers_spatial, pos.diffusers_temporal):
-                for proj in ("to_q", "to_k"):
-                    host.unet.get_submodule(f"{name}.{proj}").weight.mul_(factor)
-    return host
 
+    def __init__(self, base: DiffusersSVDHost, weights: LoRAWeights, strength: float = 1.0) -> None:
+        self.target_set = weights.resolved_target_set() or "temporal"
+        shapes = {
+            to_comfy_name(n): s for n, s in target_shapes(base.unet, self.target_set, "diffusers").items()
+        }
+        check_lora_fits(weights, shapes, self.target_set)
+        self.base, self.weights, self.strength = base, weights, strength
+        self.vae, self.image_encoder, self.dtype = base.vae, base.image_encoder, torch.float32
+        self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
 
-def build_tiny_diffusers_host(seed: int = 0, dtype: torch.dtype = torch.float32) -> DiffusersSVDHost:
-    """A tiny random-weight SVD of the real diffusers architectures, the same for the same seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNetSpatioTemporalConditionModel(**tiny_unet_config())
-        vae = AutoencoderKLTemporalDecoder(
-            block_out_channels=tiny.VAE_CHANNELS,
-            down_block_types=("DownEncoderBlock2D",) * len(tiny.VAE_CHANNELS),
-            layers_per_block=1,
-            latent_channels=4,
-        )
-        clip = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=tiny.CLIP_HIDDEN,
-                intermediate_size=2 * tiny.CLIP_HIDDEN,
-                num_hidden_layers=tiny.CLIP_LAYERS,
-                num_attention_heads=tiny.CLIP_HEADS,
-                image_size=tiny.CLIP_IMAGE_SIZE,
-                patch_size=tiny.CLIP_PATCH,
-                projection_dim=tiny.CONTEXT_DIM,
-            )
-        )
-    if dtype != torch.float32:
-        unet = unet.to(dtype)
-    return DiffusersSVDHost(unet, vae, clip, dtype=dtype)
+    @property
+    def unet(self):  # type: ignore[override]  (read-only here: the copy's UNet)
+        return lora_copy(self.base, self.weights.rank, self.target_set).host.unet
+
+    def denoise_with_grad(self, x, sigma, conds, transformer_options=None) -> torch.Tensor:
+        shared = lora_copy(self.base, self.weights.rank, self.target_set)
+        if shared.owner is not self:
+            shared.load(self.weights.modules, self.strength)
+            shared.owner = self
+            shared.dropout_on = False
+            shared.host.unet.train(False)
+        return super().denoise_with_grad(x, sigma, conds, transformer_options)

@@ -15,17 +15,19 @@ on each ``lora_B`` applies dropout to its output instead (exactly ``W x + dropou
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from ...errors import I2VEditError, LoRAError
-from ...host import SVDCond
-from ...lora.file import LoRAPair, LoRAWeights, check_lora_fits, validate_rank
+from ...lora.file import LoRAPair, validate_rank
 from ...lora.peft_init import init_lora_pairs
 from ...lora.targets import target_shapes, to_comfy_name, to_diffusers_name
-from .host import DiffusersSVDHost
+from ...svd import SVDCond
+
+if TYPE_CHECKING:
+    from .host import DiffusersSVDHost
 
 ADAPTER = "default"
 
@@ -60,8 +62,7 @@ class LoRACopy:
         self.dropout_p, self.dropout_on = 0.0, False
         for layer in self.layers.values():
             layer.lora_B[ADAPTER].register_forward_hook(self._branch_dropout)
-        self.host = DiffusersSVDHost(unet, base.vae, base.image_encoder, dtype=torch.float32)
-        self.host.clip_mean, self.host.clip_std = base.clip_mean, base.clip_std
+        self.host = base.with_unet(unet)
         self.owner: object | None = None  # whose LoRA the adapter holds now
 
     def _branch_dropout(self, module, inputs, output):
@@ -194,48 +195,9 @@ class DiffusersLoRATrainer:
         self._copy.owner = self
 
 
-class DiffusersLoRAHost(DiffusersSVDHost):
-    """``base``'s model with a motion LoRA, run in ``base``'s one working copy (no copy of its own).
-
-    Before each model call it loads its LoRA into the copy, unless the copy holds it already.
-    """
-
-    def __init__(self, base: DiffusersSVDHost, weights: LoRAWeights, strength: float = 1.0) -> None:
-        self.target_set = weights.resolved_target_set() or "temporal"
-        shapes = {
-            to_comfy_name(n): s for n, s in target_shapes(base.unet, self.target_set, "diffusers").items()
-        }
-        check_lora_fits(weights, shapes, self.target_set)
-        self.base, self.weights, self.strength = base, weights, strength
-        self.vae, self.image_encoder, self.dtype = base.vae, base.image_encoder, torch.float32
-        self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
-
-    @property
-    def unet(self):  # type: ignore[override]  (read-only here: the copy's UNet)
-        return lora_copy(self.base, self.weights.rank, self.target_set).host.unet
-
-    def denoise_with_grad(self, x, sigma, conds, transformer_options=None) -> torch.Tensor:
-        shared = lora_copy(self.base, self.weights.rank, self.target_set)
-        if shared.owner is not self:
-            shared.load(self.weights.modules, self.strength)
-            shared.owner = self
-            shared.dropout_on = False
-            shared.host.unet.train(False)
-        return super().denoise_with_grad(x, sigma, conds, transformer_options)
-
-
-def diffusers_lora_host(
-    host: DiffusersSVDHost, weights: LoRAWeights, strength: float = 1.0
-) -> DiffusersSVDHost:
-    """A diffusers host running ``host``'s UNet with a saved motion LoRA (``host`` is not changed)."""
-    return DiffusersLoRAHost(host, weights, strength)
-
-
 __all__ = [
-    "DiffusersLoRAHost",
     "DiffusersLoRATrainer",
     "LoRACopy",
-    "diffusers_lora_host",
     "lora_copy",
     "to_diffusers_name",
 ]

@@ -18,7 +18,7 @@ are missing keys and wrong shapes: every tensor of the three models comes from t
 
 Files are read with ``safetensors.safe_open`` only; a pickle checkpoint is refused unopened. The
 model configurations come from the tensor shapes. What shapes cannot tell is read from this
-pack's metadata when ``write_single_file`` wrote the file, else SVD's values are assumed:
+pack's metadata when this pack wrote the file (``i2vedit.*`` keys), else SVD's values are assumed:
 
 - UNet attention heads: head width 64 (SVD's ``num_head_channels``), so 5, 10, 20, 20 heads;
 - CLIP attention heads: head width 80 for width 1280 (open_clip ViT-H/14), else 64 (open_clip's
@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ...errors import I2VEditError, ModelFileError, NotSVDModelError
-from ...io.files import looks_pickled, save_safetensors_atomic
+from ...io.files import looks_pickled
 from ...svd import comfy_to_diffusers_key, diffusers_to_comfy_key
 
 if TYPE_CHECKING:
@@ -253,27 +253,6 @@ def vae_sgm_to_diffusers(sd: Mapping[str, Tensor], name_prefix: str = "") -> dic
     return out
 
 
-def vae_diffusers_to_sgm(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """An ``AutoencoderKLTemporalDecoder`` state dict as SGM VAE tensors (no prefix).
-
-    ``quant_conv`` (1×1) is folded into ``encoder.conv_out``, exactly up to float rounding, since
-    the SGM VAE has no such layer.
-    """
-    levels = _vae_levels(sd, r"^decoder\.up_blocks\.(\d+)\.")
-    body = {k: v for k, v in sd.items() if not k.startswith("quant_conv.")}
-    if "quant_conv.weight" in sd:
-        q = sd["quant_conv.weight"].double()[:, :, 0, 0]
-        qb = sd["quant_conv.bias"].double()
-        w, b = body["encoder.conv_out.weight"], body["encoder.conv_out.bias"]
-        body["encoder.conv_out.weight"] = torch.einsum("po,oihw->pihw", q, w.double()).to(w.dtype)
-        body["encoder.conv_out.bias"] = (q @ b.double() + qb).to(b.dtype)
-    out = _convert_all(body, lambda k: vae_diffusers_to_sgm_key(k, levels), "diffusers VAE")
-    for k, v in out.items():
-        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 2:
-            out[k] = v[:, :, None, None]
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Image encoder: open_clip VisionTransformer ↔ transformers CLIPVisionModelWithProjection
 # ---------------------------------------------------------------------------------------------
@@ -338,42 +317,6 @@ def clip_open_clip_to_transformers(sd: Mapping[str, Tensor], name_prefix: str = 
     return out
 
 
-def clip_transformers_to_open_clip(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``CLIPVisionModelWithProjection`` tensors as open_clip visual tensors (no prefix): the inverse."""
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
-    unknown = []
-    for k, v in sd.items():
-        if k == "vision_model.embeddings.position_ids":
-            continue  # a non-persistent index buffer, not a weight
-        if k in _CLIP_TOP_INV:
-            out[_CLIP_TOP_INV[k]] = v.t().contiguous() if k == "visual_projection.weight" else v
-            continue
-        m = _HF_BLOCK.match(k)
-        if m is None:
-            unknown.append(k)
-            continue
-        layer, rest = m.group(1), m.group(2)
-        split = re.fullmatch(r"self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)", rest)
-        if split:
-            qkv.setdefault((layer, split.group(2)), {})[split.group(1)] = v
-            continue
-        try:
-            out[f"transformer.resblocks.{layer}.{_parts(rest, _CLIP_BLOCK_INV)}"] = v
-        except KeyError:
-            unknown.append(k)
-    for (layer, kind), parts in qkv.items():
-        if len(parts) != 3:
-            unknown.extend(f"vision_model.encoder.layers.{layer}.self_attn.{p}.{kind}" for p in parts)
-            continue
-        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts[p] for p in _QKV])
-    if unknown:
-        raise ModelFileError(
-            f"{_n_keys(len(unknown))} not part of a CLIP vision model with projection: {_listed(sorted(unknown))}."
-        )
-    return out
-
-
 def _clip_file_name(hf_key: str, hf_format: bool) -> str:
     """Where a transformers CLIP key lives in a single file (for error messages)."""
     if hf_format:
@@ -392,49 +335,6 @@ def _clip_file_name(hf_key: str, hf_format: bool) -> str:
                 with_rest = rest
         return f"{CLIP_PREFIX}transformer.resblocks.{m.group(1)}.{with_rest}"
     return CLIP_PREFIX + hf_key
-
-
-# ---------------------------------------------------------------------------------------------
-# Whole files
-# ---------------------------------------------------------------------------------------------
-
-
-def sgm_state_dict(
-    unet: torch.nn.Module, vae: torch.nn.Module, image_encoder: torch.nn.Module
-) -> dict[str, Tensor]:
-    """The three diffusers/transformers models as one SGM single-file state dict (with prefixes).
-
-    Works on meta-device models too (names and shapes only), except that a VAE's ``quant_conv``
-    fold needs real tensors.
-    """
-    out = {UNET_PREFIX + diffusers_to_comfy_key(k): v for k, v in unet.state_dict().items()}
-    out.update({VAE_PREFIX + k: v for k, v in vae_diffusers_to_sgm(vae.state_dict()).items()})
-    clip = clip_transformers_to_open_clip(image_encoder.state_dict())
-    out.update({CLIP_PREFIX + k: v for k, v in clip.items()})
-    return out
-
-
-def write_single_file(host: DiffusersSVDHost, path: str | os.PathLike) -> Path:
-    """Write a ``DiffusersSVDHost``'s models as one SGM ``.safetensors`` checkpoint (atomically).
-
-    The metadata records what shapes cannot tell (attention heads, CLIP activation), so
-    ``load_single_file`` rebuilds the same models, tiny test models included.
-    """
-    unet, vae, clip = host.unet, host.vae, host.image_encoder
-    metadata = {
-        _M_FORMAT: FORMAT_TAG,
-        _M_UNET_HEADS: ",".join(str(h) for h in _as_tuple(unet.config.num_attention_heads, 4)),
-        _M_CLIP_HEADS: str(clip.config.num_attention_heads),
-        _M_CLIP_ACT: str(clip.config.hidden_act),
-    }
-    target = Path(path)
-    if target.suffix != ".safetensors":
-        raise ModelFileError(f"{target}: a single-file checkpoint is written as .safetensors; name it so.")
-    return save_safetensors_atomic(target, sgm_state_dict(unet, vae, clip), metadata=metadata)
-
-
-def _as_tuple(value: int | Iterable[int], n: int) -> tuple[int, ...]:
-    return (value,) * n if isinstance(value, int) else tuple(value)
 
 
 def _refuse_pickle(p: Path) -> None:
@@ -566,7 +466,7 @@ def unet_config_from_state_dict(
         if any(c % UNET_HEAD_DIM for c in channels):
             raise ModelFileError(
                 f"UNet widths {channels} are not multiples of the assumed head width {UNET_HEAD_DIM} (SVD's); this is "
-                "not an SVD UNet, or it needs its head counts (write it with this pack's write_single_file)."
+                "not an SVD UNet, or it needs its head counts (record them in the file's i2vedit.unet_attention_heads metadata)."
             )
         heads = tuple(c // UNET_HEAD_DIM for c in channels)
     if len(heads) != 4 or any(c % h for c, h in zip(channels, heads)):
@@ -636,7 +536,7 @@ def clip_config_from_state_dict(
             raise ModelFileError(
                 f"image encoder width {hidden} is not a multiple of the assumed head width {width} "
                 "(open_clip's); this is not SVD's ViT-H image encoder, or it needs its head count "
-                "(write it with this pack's write_single_file)."
+                "(record it in the file's i2vedit.clip_attention_heads metadata)."
             )
         heads = hidden // width
     if heads < 1 or hidden % heads:
