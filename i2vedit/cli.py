@@ -18,6 +18,7 @@ import torch
 from .errors import I2VEditError, ModelFileError
 from .io.files import atomic_write, writable_folder, write_text_atomic
 from .method.controller import PRESETS, MatchConfig
+from .method.inversion import MEMORY_MODES
 
 DEMO_SIZE = (128, 192)
 DEMO_FRAMES = 10
@@ -518,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--reuse", help="folder of saved inversions and LoRAs to reuse or resume (default OUT/reuse)"
     )
-    edit.add_argument("--memory", choices=["recompute", "cache"], default="recompute",
+    edit.add_argument("--memory", choices=MEMORY_MODES, default="recompute",
                       help="recompute (default): keep latents only; cache: keep attention in RAM (faster, large)")  # fmt: skip
     edit.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="seed of every random draw")
 

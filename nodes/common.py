@@ -21,7 +21,8 @@ from ..i2vedit.hosts.comfy.host import ComfySVDHost
 from ..i2vedit.io.frames import ResizePlan
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.inversion import Inversion
-from ..i2vedit.method.matching import EditKV, MatchedClip, MatchedResult, SourceKV
+from ..i2vedit.method.matching import MatchedClip, MatchedResult
+from ..i2vedit.method.skip_interval import EditKV, SourceKV
 
 CATEGORY = "I2VEdit"
 
@@ -33,7 +34,6 @@ ResizeInfo = io.Custom("I2V_RESIZE")
 
 LORA_FOLDER = "i2vedit_motion_loras"
 INVERSION_FOLDER = "i2vedit_inversions"
-MEMORY_MODES = ["recompute", "cache"]
 MEMORY_TOOLTIP = (
     "recompute (default): keep only latent trajectories (a few MB per clip) and re-run the source's "
     "model call when its attention is needed, about 1.8× the time of a plain step. cache: keep every "
@@ -127,7 +127,6 @@ class InversionState:
 
     inversion: Inversion
     host: ComfySVDHost
-    mode: str
     clip_index: int = 0
 
 
@@ -149,7 +148,6 @@ class EditState:
     clip: MatchedClip
     result: MatchedResult
     last_frame: torch.Tensor  # (1, H, W, 3), the decoded last frame
-    clip_index: int = 0
 
 
 def host_of(model: Any, clip_vision: Any = None, vae: Any = None) -> ComfySVDHost:

@@ -10,17 +10,17 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.io import frames as C
+from ..i2vedit.io.frames import fit_size
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.controller import PRESETS, MatchConfig
-from ..i2vedit.method.matching import EditKV, MatchedClip, SourceKV
-from ..i2vedit.run import pipeline as P
-from ..i2vedit.run.pipeline import EditSettings, edit_frames, video_clip_ranges
-from ..i2vedit.run.stages import SEED_CONDITION, denoise_time_ids, edit_conditioning, generator
+from ..i2vedit.method.inversion import MEMORY_MODES
+from ..i2vedit.method.skip_interval import EditKV, SourceKV
+from ..i2vedit.run.pipeline import EditSettings, edit_frames, training_hw, video_clip_ranges
+from ..i2vedit.run.stages import denoise_time_ids, edit_clip
+from ..i2vedit.seeds import Purpose, generator
 from ..i2vedit.svd import LATENT_SCALE
 from .common import (
     CATEGORY,
-    MEMORY_MODES,
     MEMORY_TOOLTIP,
     SEED_TOOLTIP,
     EditedClip,
@@ -130,7 +130,7 @@ class SkipIntervalKVCache(io.ComfyNode):
     @classmethod
     def execute(cls, first_clip_inversion, first_clip_edit=None) -> io.NodeOutput:
         first_clip_inversion = check_inversion(first_clip_inversion)
-        if first_clip_inversion.inversion.kv_source is not None:
+        if first_clip_inversion.inversion.skip_kv is not None:
             raise I2VEditError("this inversion is of a later clip; connect the first clip's inversion.")
         source = SourceKV(first_clip_inversion.host, first_clip_inversion.inversion)
         edit = None
@@ -259,16 +259,12 @@ class AttentionMatchSampler(io.ComfyNode):
         kv = kv_state.edit if kv_state is not None else None
         config = None if preset == "off" else MatchConfig.preset(preset)
         mode = "cache" if inv.captures is not None else "recompute"
-        cond = edit_conditioning(base, None if prev else edited, denoise_time_ids(fps),
-                                 generator(seed, clip_index, SEED_CONDITION, 0), prev)  # fmt: skip
-        clip = MatchedClip(host, inv, cond, config, (min_cfg, max_cfg), mode, base, kv)
         progress = StepProgress(inv.steps, model)
-        result = clip.run(capture_kv=mode == "cache" and kv is None, callback=progress.step)
-        frames = base.vae_decode(result.latents / LATENT_SCALE)
-        masks = (
-            result.frame_masks(height, width) if result.masks is not None else torch.zeros(frames.shape[:3])
-        )
-        state = EditState(clip, result, frames[-1:], clip_index)
+        edit = edit_clip(base, host, inv, edited, prev, denoise_time_ids(fps), generator(seed, clip_index, Purpose.CONDITION, 0),
+                         config, (min_cfg, max_cfg), mode, kv, capture_kv=mode == "cache" and kv is None,
+                         callback=progress.step)  # fmt: skip
+        frames, masks, result = edit.frames, edit.masks, edit.result
+        state = EditState(edit.clip, result, frames[-1:])
         return io.NodeOutput(frames, masks, {"samples": result.latents / LATENT_SCALE}, state)
 
 
@@ -314,7 +310,7 @@ class EditVideo(io.ComfyNode):
                 ),
                 io.Int.Input("lora_rank", default=32, min=1, max=512, tooltip="Motion LoRA rank."),
                 io.Combo.Input(
-                    "memory_mode", options=MEMORY_MODES, default="recompute", tooltip=MEMORY_TOOLTIP
+                    "memory_mode", options=list(MEMORY_MODES), default="recompute", tooltip=MEMORY_TOOLTIP
                 ),
                 io.Int.Input(
                     "max_side",
@@ -374,9 +370,9 @@ class EditVideo(io.ComfyNode):
             reuse = os.path.join(folder_paths.get_output_directory(), "i2vedit_runs", name)
         n = frames.shape[0]
         clips = len(video_clip_ranges(n, settings))
-        size = C.fit_size(frames.shape[1], frames.shape[2], max_side)
+        size = fit_size(frames.shape[1], frames.shape[2], max_side)
         train_res = train_res_inversion_runs(
-            clips, lora_steps, size, P.training_hw(*size, settings), settings.skip_interval
+            clips, lora_steps, size, training_hw(*size, settings), settings.skip_interval
         )
         progress = VideoProgress(clip_step_counts(clips, steps, edits.shape[0], lora_steps, train_res), model)
         result = edit_frames(host, frames, fps, [edits[i : i + 1] for i in range(edits.shape[0])], settings,

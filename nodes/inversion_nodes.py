@@ -6,24 +6,22 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.io import frames as C
-from ..i2vedit.method.inversion import invert
+from ..i2vedit.io.frames import check_size
+from ..i2vedit.method.inversion import MEMORY_MODES, invert
 from ..i2vedit.run.pipeline import EditSettings
 from ..i2vedit.run.stages import (
-    SEED_ENCODE,
     encode_source,
-    generator,
     load_inversion,
     psnr,
     reconstruct,
     save_inversion,
 )
+from ..i2vedit.seeds import Purpose, generator
 from ..i2vedit.svd import LATENT_SCALE
 from .common import (
     CATEGORY,
     CLIP_INDEX_TOOLTIP,
     INVERSION_FOLDER,
-    MEMORY_MODES,
     MEMORY_TOOLTIP,
     SEED_TOOLTIP,
     Inversions,
@@ -68,7 +66,7 @@ class EDMInvertSVD(io.ComfyNode):
                     tooltip="Inversion steps; denoising uses the same σ. The paper uses 25.",
                 ),
                 io.Combo.Input(
-                    "memory_mode", options=MEMORY_MODES, default="recompute", tooltip=MEMORY_TOOLTIP
+                    "memory_mode", options=list(MEMORY_MODES), default="recompute", tooltip=MEMORY_TOOLTIP
                 ),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip=SEED_TOOLTIP),
                 io.Int.Input("clip_index", default=0, min=0, max=100000, tooltip=CLIP_INDEX_TOOLTIP),
@@ -89,18 +87,18 @@ class EDMInvertSVD(io.ComfyNode):
                 skip_interval_kv=None) -> io.NodeOutput:  # fmt: skip
         host = host_of(model, clip_vision, vae)
         frames = check_frames(frames)
-        C.check_size(*frames.shape[1:3])
+        check_size(*frames.shape[1:3])
         if frames.shape[0] < 2:
             raise I2VEditError("a clip needs at least 2 frames.")
         kv_state = check_kv(skip_interval_kv)
         kv = kv_state.source if kv_state is not None else None
         progress = StepProgress(steps, model)
-        latents, cond = encode_source(host, frames, generator(seed, clip_index, SEED_ENCODE),
+        latents, cond = encode_source(host, frames, generator(seed, clip_index, Purpose.ENCODE),
                                       EditSettings.inversion_fps_id)  # fmt: skip
         capture_kv = memory_mode == "cache" and kv is None
-        inv = invert(host, latents, cond, steps, memory_mode, capture_kv=capture_kv, kv_source=kv,
+        inv = invert(host, latents, cond, steps, memory_mode, capture_kv=capture_kv, skip_kv=kv,
                      callback=progress.step)  # fmt: skip
-        state = InversionState(inv, host, memory_mode, clip_index)
+        state = InversionState(inv, host, clip_index)
         return io.NodeOutput(state, {"samples": inv.x_T / LATENT_SCALE})
 
 
@@ -220,5 +218,5 @@ class LoadInversion(io.ComfyNode):
                 raise I2VEditError(
                     f"{name} is a later clip inverted with the first clip's K/V; connect the same skip_interval_kv."
                 )
-            inv.kv_source = kv_state.source
-        return io.NodeOutput(InversionState(inv, host, "recompute", int(meta.get("clip_index", "0"))))
+            inv.skip_kv = kv_state.source
+        return io.NodeOutput(InversionState(inv, host, int(meta.get("clip_index", "0"))))

@@ -17,7 +17,8 @@ from ..i2vedit.hosts.comfy.lora import PREFIX, comfy_lora_model
 from ..i2vedit.lora.file import LoRAWeights, load_lora, save_lora
 from ..i2vedit.lora.targets import TARGET_SETS
 from ..i2vedit.lora.train import LoRATrainingError, TrainConfig
-from ..i2vedit.run.stages import SEED_TRAIN, derived_seed, train_clip_lora
+from ..i2vedit.run.stages import train_clip_lora
+from ..i2vedit.seeds import train_seed
 from ..i2vedit.svd import LATENT_SCALE
 from .common import (
     CATEGORY,
@@ -211,7 +212,7 @@ class TrainMotionLoRA(io.ComfyNode):
         inv, host, clip_index = inversion.inversion, inversion.host, inversion.clip_index
         save_path = target_path(LORA_FOLDER, save_name, False, "save_name") if save_name.strip() else None
         config = TrainConfig(rank=rank, steps=steps, lr=learning_rate, dropout=dropout, target_set=target_set,
-                             seed=derived_seed(seed, clip_index, SEED_TRAIN) % 2**31).validate()  # fmt: skip
+                             seed=train_seed(seed, clip_index)).validate()  # fmt: skip
         progress = StepProgress(steps)
         stem = (
             os.path.splitext(os.path.basename(save_path))[0]
@@ -221,7 +222,7 @@ class TrainMotionLoRA(io.ComfyNode):
         with tempfile.TemporaryDirectory(prefix="i2vedit-train-") as ckpt:
             try:
                 result = train_clip_lora(
-                    host, inv.latents[0], inv.latents[0][:1] / LATENT_SCALE, inv.cond.clip_embed, config,
+                    host, inv.trajectory[0], inv.trajectory[0][:1] / LATENT_SCALE, inv.cond.clip_embed, config,
                     clip_index, kv, checkpoint_dir=ckpt, should_stop=progress.should_stop, callback=progress.soft_step,
                     gradient_checkpointing=gradient_checkpointing,
                 )  # fmt: skip

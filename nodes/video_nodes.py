@@ -8,7 +8,14 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.io import frames as C
+from ..i2vedit.io.frames import (
+    clip_ranges,
+    fit_size,
+    make_resize_plan,
+    resize_frames,
+    sample_frame_indices,
+    stitch_clips,
+)
 from .common import CATEGORY, ResizeInfo, check_frames, check_resize
 
 log = logging.getLogger("i2vedit")
@@ -76,7 +83,7 @@ class SampleFrames(io.ComfyNode):
         cls, frames, fps: float, start_seconds: float, end_seconds: float, sample_fps: float
     ) -> io.NodeOutput:
         frames = check_frames(frames)
-        idx = C.sample_frame_indices(frames.shape[0], fps, start_seconds, end_seconds, sample_fps)
+        idx = sample_frame_indices(frames.shape[0], fps, start_seconds, end_seconds, sample_fps)
         out_fps = fps if sample_fps == -1 else sample_fps
         return io.NodeOutput(frames[idx], float(out_fps), len(idx))
 
@@ -152,8 +159,8 @@ class FitFrames(io.ComfyNode):
         _, h, w, _ = frames.shape
         if (width == 0) != (height == 0):
             raise I2VEditError("set both width and height, or leave both at 0 to fit within max_side.")
-        size = (height, width) if width else C.fit_size(h, w, max_side)
-        plan = C.make_resize_plan(h, w, *size, mode=mode)
+        size = (height, width) if width else fit_size(h, w, max_side)
+        plan = make_resize_plan(h, w, *size, mode=mode)
         fitted = plan.apply(frames)
         edited = fitted[:1]
         if edited_first_frame is not None:
@@ -161,7 +168,7 @@ class FitFrames(io.ComfyNode):
             if tuple(img.shape[1:3]) != (h, w):
                 log.warning("the edited first frame is %dx%d, the video %dx%d: resizing it to the video's size",
                             img.shape[1], img.shape[2], h, w)  # fmt: skip
-                img = C.resize_frames(img, h, w)
+                img = resize_frames(img, h, w)
             edited = plan.apply(img)
         return io.NodeOutput(fitted, edited, plan)
 
@@ -227,7 +234,7 @@ class SelectClip(io.ComfyNode):
     def execute(cls, frames, clip_length: int, overlap: int, index: int) -> io.NodeOutput:
         frames = check_frames(frames)
         n = frames.shape[0]
-        ranges = C.clip_ranges(n, min(clip_length, n), overlap)
+        ranges = clip_ranges(n, min(clip_length, n), overlap)
         if index >= len(ranges):
             raise I2VEditError(
                 f"clip {index} does not exist: {n} frames in clips of {clip_length} overlapping by {overlap} "
@@ -268,13 +275,13 @@ class StitchClips(io.ComfyNode):
                 f"the clips differ in size ({first.shape[1]}×{first.shape[2]} and {second.shape[1]}×"
                 f"{second.shape[2]}); stitch clips of one video at one size."
             )
-        frames = C.stitch_clips([first, second], overlap)
+        frames = stitch_clips([first, second], overlap)
         masks = [
             m if m is not None else torch.zeros(f.shape[:3])
             for m, f in ((first_mask, first), (second_mask, second))
         ]
         masks = [m.reshape(f.shape[:3]) for m, f in zip(masks, (first, second))]
-        return io.NodeOutput(frames, C.stitch_clips(masks, overlap))
+        return io.NodeOutput(frames, stitch_clips(masks, overlap))
 
 
 class MaskPreview(io.ComfyNode):

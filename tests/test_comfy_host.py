@@ -7,6 +7,8 @@ from conftest import align_groupnorm_eps
 from i2vedit.errors import NotSVDModelError
 from i2vedit.host import cfg_ramp
 from i2vedit.method import samplers, schedules
+from i2vedit.method.inversion import invert
+from i2vedit.method.matching import matched_denoise
 from i2vedit.svd import LATENT_SCALE, POSITIONS, SVDCond, TimeIds
 
 pytestmark = pytest.mark.usefixtures("comfy")
@@ -106,30 +108,40 @@ def test_same_sampling_as_diffusers_with_per_frame_cfg(hosts, cond):
     )
 
 
-def test_inversion_runs_as_a_stock_ksampler(hosts, cond):
+def test_inversion_and_denoising_run_as_stock_ksamplers(hosts, cond):
+    """The samplers ``invert`` and ``matched_denoise`` drive are ComfyUI KSAMPLERs: same latents."""
     import comfy.sample
     import comfy.samplers
 
-    comfy_host, _ = hosts
-    z0 = torch.randn(F, 4, h, w, generator=torch.Generator().manual_seed(4))
-    sig = schedules.inversion_sigmas(4).float()
-    seen = []
-
-    def recording_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        out = samplers.sample_euler_inversion(model, x, sigmas, extra_args, callback, disable)
-        seen.append(extra_args["model_options"]["transformer_options"]["i2v_phase"])
-        return out
-
     from i2vedit.hosts.comfy.patches import to_conditioning
 
-    stock = comfy.sample.sample_custom(
-        comfy_host.patcher, torch.zeros_like(z0), 1.0, comfy.samplers.KSAMPLER(recording_inversion), sig,
-        to_conditioning(cond), to_conditioning(cond.unconditional()), z0 / LATENT_SCALE, disable_pbar=True,
-    )  # fmt: skip
-    ours = comfy_host.sample(samplers.sample_euler_inversion, z0, sig, cond, disable=True)
-    assert seen == ["invert"]
+    comfy_host, _ = hosts
+    z0 = torch.randn(F, 4, h, w, generator=torch.Generator().manual_seed(4))
+    seen = []
+
+    def recording(fn):
+        def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            out = fn(model, x, sigmas, extra_args, callback, disable)
+            seen.append(extra_args["model_options"]["transformer_options"]["i2v_phase"])
+            return out
+
+        return comfy.samplers.KSAMPLER(sampler)
+
+    def stock(fn, sigmas, start):
+        # zero noise: the sampler starts from the LATENT itself (÷ 0.18215 in, × 0.18215 out)
+        return LATENT_SCALE * comfy.sample.sample_custom(
+            comfy_host.patcher, torch.zeros_like(start), 1.0, recording(fn), sigmas.float(),
+            to_conditioning(cond), to_conditioning(cond.unconditional()), start / LATENT_SCALE, disable_pbar=True,
+        )  # fmt: skip
+
+    inv = invert(comfy_host, z0, cond, steps=4)
+    inverted = stock(samplers.sample_euler_inversion, inv.sigmas, z0)
     # Same path but for the LATENT's ÷/× 0.18215 round trip, which the inversion amplifies a little.
-    assert (stock * LATENT_SCALE - ours).abs().max() < 1e-4 * ours.abs().max()
+    assert (inverted - inv.x_T).abs().max() < 1e-4 * inv.x_T.abs().max()
+    back = matched_denoise(comfy_host, inv, cond, config=None, cfg=None).latents
+    denoised = stock(samplers.sample_euler_denoise, inv.denoise_sigmas(), inv.x_T)
+    assert (denoised - back).abs().max() < 1e-4 * back.abs().max()
+    assert seen == ["invert", "denoise"]
 
 
 def test_vae_and_clip(hosts):

@@ -207,7 +207,7 @@ def test_a_lora_from_another_model_or_target_set_is_refused_with_the_keys(host, 
 def test_a_kv_source_of_another_model_is_refused_before_the_first_step(host):
     """The check compared the K/V source's fingerprint with itself, so any model's K/V were accepted."""
     from i2vedit.method.inversion import invert
-    from i2vedit.method.matching import SourceKV
+    from i2vedit.method.skip_interval import SourceKV
     from i2vedit.svd import SVDCond, TimeIds
 
     z, first, emb = clip_latents()
@@ -218,7 +218,7 @@ def test_a_kv_source_of_another_model_is_refused_before_the_first_step(host):
     original = trainer.train_denoise
     trainer.train_denoise = lambda *a, **k: calls.append(1) or original(*a, **k)
     with pytest.raises(I2VEditError, match="another model"):
-        train_motion_lora(trainer, z, first, emb, _cfg(steps=2), kv_source=source)
+        train_motion_lora(trainer, z, first, emb, _cfg(steps=2), skip_kv=source)
     assert calls == []
 
 

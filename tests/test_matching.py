@@ -10,7 +10,8 @@ from i2vedit.errors import I2VEditError
 from i2vedit.method import samplers
 from i2vedit.method.controller import CONTROLLER_KEY, AttentionController, MatchConfig
 from i2vedit.method.inversion import invert, replay_source
-from i2vedit.method.matching import EditKV, MatchedClip, SourceKV, matched_denoise
+from i2vedit.method.matching import MatchedClip, matched_denoise
+from i2vedit.method.skip_interval import EditKV, SourceKV
 from i2vedit.svd import SVDCond, TimeIds
 
 F, h, w = 4, 8, 16
@@ -98,9 +99,9 @@ def test_the_inversion_driver_equals_the_k_diffusion_inversion_sampler(host, cli
     inv = inversions["recompute"]
     ref = host.sample(samplers.sample_euler_inversion, z, inv.sigmas, src, disable=True)
     assert _rel(inv.x_T, ref) < 1e-5
-    assert torch.equal(inv.latents[0], z) and inv.latents.shape == (STEPS + 1, F, 4, h, w)
+    assert torch.equal(inv.trajectory[0], z) and inv.trajectory.shape == (STEPS + 1, F, 4, h, w)
     # recompute and cache modes ran the same model calls: identical trajectories
-    torch.testing.assert_close(inv.latents, inversions["cache"].latents, atol=0, rtol=0)
+    torch.testing.assert_close(inv.trajectory, inversions["cache"].trajectory, atol=0, rtol=0)
 
 
 def test_replaying_an_inversion_step_recreates_its_capture(host, inversions):
@@ -150,11 +151,11 @@ def test_skip_interval_kv_cache_equals_recompute_and_changes_the_second_clip(hos
         inv1 = invert(host, z, src, steps=3, mode=mode, capture_kv=True)
         clip1 = MatchedClip(host, inv1, edit, mode=mode)
         res1 = clip1.run(capture_kv=True)
-        inv2 = invert(host, z2, src2, steps=3, mode=mode, kv_source=SourceKV(host, inv1))
-        res2 = matched_denoise(host, inv2, edit2, mode=mode, kv_source=EditKV(clip1, res1))
+        inv2 = invert(host, z2, src2, steps=3, mode=mode, skip_kv=SourceKV(host, inv1))
+        res2 = matched_denoise(host, inv2, edit2, mode=mode, skip_kv=EditKV(clip1, res1))
         results[mode] = (inv2, res2)
     torch.testing.assert_close(
-        results["recompute"][0].latents, results["cache"][0].latents, atol=1e-6, rtol=1e-5
+        results["recompute"][0].trajectory, results["cache"][0].trajectory, atol=1e-6, rtol=1e-5
     )
     torch.testing.assert_close(
         results["recompute"][1].latents, results["cache"][1].latents, atol=1e-6, rtol=1e-5
@@ -174,7 +175,7 @@ def test_kv_concatenation_with_the_clips_own_kv_leaves_the_model_output_unchange
     own = capture.take()
     assert len(own.kv) == 16 and all(set(v) == {"cond", "uncond"} for v in own.kv.values())
     concat = AttentionController()
-    concat.begin_step(0, 1, kv=own)
+    concat.begin_step(0, 1, skip_kv=own)
     out = host.denoise(z, sigma, conds, _opts(concat))
     assert (out - plain).abs().max() < 1e-5 * max(1.0, float(plain.abs().max()))
 
@@ -228,13 +229,13 @@ def test_a_kv_source_of_another_resolution_is_refused_before_sampling(host, clip
     host.denoise = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         with pytest.raises(I2VEditError, match="one resolution"):
-            invert(host, z, src, steps=2, kv_source=SourceKV(host, small))
+            invert(host, z, src, steps=2, skip_kv=SourceKV(host, small))
         clip_small = MatchedClip(host, small, _cond(2, hw=(8, 8)), mode="cache")
         res_small = clip_small.run(capture_kv=True)
         inv = invert(host, z, src, steps=2)
         n = len(calls)
         with pytest.raises(I2VEditError, match="skip-interval K/V"):
-            matched_denoise(host, inv, edit, kv_source=EditKV(clip_small, res_small))
+            matched_denoise(host, inv, edit, skip_kv=EditKV(clip_small, res_small))
         assert len(calls) == n
     finally:
         del host.denoise

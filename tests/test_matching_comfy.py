@@ -8,7 +8,8 @@ from conftest import align_groupnorm_eps, sharpen_self_attention
 
 from i2vedit.method.controller import CONTROLLER_KEY, AttentionController, MatchConfig
 from i2vedit.method.inversion import invert
-from i2vedit.method.matching import EditKV, MatchedClip, SourceKV, matched_denoise
+from i2vedit.method.matching import MatchedClip, matched_denoise
+from i2vedit.method.skip_interval import EditKV, SourceKV
 from i2vedit.svd import SVDCond, TimeIds
 
 pytestmark = pytest.mark.usefixtures("comfy")
@@ -84,8 +85,8 @@ def test_both_hosts_give_the_same_matched_output_on_identical_weights(hosts):
         inv1 = invert(host, z, src, steps=3)
         clip1 = MatchedClip(host, inv1, edit, config=MatchConfig.preset("shape"))
         res1 = clip1.run()
-        inv2 = invert(host, z2, src2, steps=3, kv_source=SourceKV(host, inv1))
-        res2 = matched_denoise(host, inv2, edit2, kv_source=EditKV(clip1, res1))
+        inv2 = invert(host, z2, src2, steps=3, skip_kv=SourceKV(host, inv1))
+        res2 = matched_denoise(host, inv2, edit2, skip_kv=EditKV(clip1, res1))
         out[name] = (res1, res2)
     for a, b in zip(out["comfy"], out["diffusers"]):
         scale = float(b.latents.abs().max())

@@ -18,7 +18,8 @@ from conftest import sharpen_self_attention
 from i2vedit.cli import demo_video
 from i2vedit.method.controller import MatchConfig
 from i2vedit.run.pipeline import EditSettings, edit_video
-from i2vedit.run.stages import SEED_SARP, derived_seed, psnr
+from i2vedit.run.stages import psnr
+from i2vedit.seeds import Purpose, derived_seed
 
 pytestmark = pytest.mark.usefixtures("comfy")
 
@@ -52,7 +53,7 @@ def node_graph(pack, tiny, frames, edited, chunk: int):
     kv, prev, video, masks = None, None, None, None
     for i in range(count):
         clip = run(pack, "I2VEditSelectClip", frames=frames, clip_length=chunk, overlap=1, index=i)[0]
-        sarp_seed = derived_seed(SEED, i, SEED_SARP)
+        sarp_seed = derived_seed(SEED, i, Purpose.SARP)
         perturbed = run(pack, "SARPPerturb", frames=clip, noise_scale=0.005, threshold=0.001, seed=sarp_seed)[
             0
         ]
@@ -60,10 +61,10 @@ def node_graph(pack, tiny, frames, edited, chunk: int):
                   memory_mode="recompute", seed=SEED, clip_index=i, skip_interval_kv=kv)[0]  # fmt: skip
         if i == 0:
             first_inv = inv
-            kv_source = run(pack, "SkipIntervalKVCache", first_clip_inversion=inv)[0]
+            skip_kv = run(pack, "SkipIntervalKVCache", first_clip_inversion=inv)[0]
         lora = run(pack, "TrainMotionLoRA", inversion=inv, steps=LORA_STEPS, rank=RANK, learning_rate=5e-4,
                    target_set="temporal", dropout=0.1, gradient_checkpointing=False, seed=SEED,
-                   skip_interval_kv=kv_source if i > 0 else None)[0]  # fmt: skip
+                   skip_interval_kv=skip_kv if i > 0 else None)[0]  # fmt: skip
         out, mask, _, prev = run(pack, "AttentionMatchSampler", model=m, inversion=inv, preset="local",
                                  min_cfg=1.0, max_cfg=2.0, fps=FPS, seed=SEED, edited_first_frame=edited,
                                  previous_clip=prev if i > 0 else None, lora=lora, skip_interval_kv=kv)  # fmt: skip

@@ -8,7 +8,7 @@ clip's source first frame with fresh 0.02 latent noise, AdamW, per-step seeding 
 equals an uninterrupted one), checkpoints, the non-finite guard and interruption between steps.
 
 Every random draw of step ``s`` (σ, noise, conditioning noise, LoRA dropout) comes from seed
-``step_seed(seed, s)``, so step ``s`` does the same thing whether or not the run was resumed.
+``seeds.derived_seed(seed, 0, Purpose.TRAIN_STEP, s)``, so step ``s`` does the same thing whether or not the run was resumed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from ..host import LoRATrainable
 from ..io.files import save_safetensors_atomic
 from ..method import edm
 from ..method.controller import CONTROLLER_KEY, AttentionController
+from ..method.skip_interval import SourceKV
+from ..seeds import Purpose, derived_seed, generator
 from ..svd import SVDCond, TimeIds
 from .file import LoRAWeights, load_lora, save_lora
 from .targets import check_target_set
@@ -94,10 +96,6 @@ def training_sigma(u: torch.Tensor) -> torch.Tensor:
     return (sigma_data * torch.exp(-(lo + u * (hi - lo)) / 2)).float()
 
 
-def step_seed(seed: int, step: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 7919 + 17) % (2**63 - 1)
-
-
 @dataclass
 class StepDraws:
     sigma: float
@@ -107,7 +105,7 @@ class StepDraws:
 
 def draw_step(seed: int, step: int, latent_shape: tuple[int, ...]) -> StepDraws:
     """σ, the latent noise and the conditioning noise of training step ``step`` (CPU generator)."""
-    g = torch.Generator().manual_seed(step_seed(seed, step))
+    g = generator(seed, 0, Purpose.TRAIN_STEP, step)  # ``seed`` is already the clip's
     u = torch.rand(1, generator=g)
     noise = torch.randn(latent_shape, generator=g)
     cond_noise = torch.randn((1, *latent_shape[1:]), generator=g)
@@ -131,14 +129,14 @@ def objective(
     clip_embed: torch.Tensor,
     draws: StepDraws,
     config: TrainConfig,
-    kv_source: Any = None,
+    skip_kv: SourceKV | None = None,
 ) -> torch.Tensor:
     """λ(σ)·mean((D(z0 + σn; σ) − z0)²) for one draw, conditioned on the source first frame."""
     cond = SVDCond(clip_embed, first_latent + config.cond_noise * draws.cond_noise, config.time_ids)
     opts: dict[str, Any] = {}
-    if kv_source is not None:
+    if skip_kv is not None:
         ctrl = AttentionController()
-        ctrl.begin_step(0, 1, kv=kv_source.for_sigma(draws.sigma))
+        ctrl.begin_step(0, 1, skip_kv=skip_kv.for_sigma(draws.sigma))
         opts[CONTROLLER_KEY] = ctrl
     x = latents + draws.sigma * draws.noise
     denoised = trainer.train_denoise(x, draws.sigma, cond, opts)
@@ -152,13 +150,13 @@ def evaluate_objective(
     clip_embed: torch.Tensor,
     config: TrainConfig,
     draws: list[StepDraws],
-    kv_source: Any = None,
+    skip_kv: SourceKV | None = None,
 ) -> float:
     """Mean objective over fixed draws, without dropout or gradients: a curve that can fall."""
     trainer.set_dropout(False)
     with torch.no_grad():
         vals = [
-            float(objective(trainer, latents, first_latent, clip_embed, d, config, kv_source)) for d in draws
+            float(objective(trainer, latents, first_latent, clip_embed, d, config, skip_kv)) for d in draws
         ]
     return sum(vals) / len(vals)
 
@@ -252,7 +250,7 @@ def train_motion_lora(
     first_latent: torch.Tensor,
     clip_embed: torch.Tensor,
     config: TrainConfig = TrainConfig(),
-    kv_source: Any = None,
+    skip_kv: SourceKV | None = None,
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     metadata: LoRAWeights | None = None,
@@ -264,7 +262,7 @@ def train_motion_lora(
 
     ``latents`` (frames, 4, h, w) are the clip's cached VAE latents in the scaled space;
     ``first_latent`` (1, 4, h, w) the raw (unscaled) VAE latent of its source first frame and
-    ``clip_embed`` (1, 1, D) that frame's CLIP embedding. ``kv_source`` is the first clip's
+    ``clip_embed`` (1, 1, D) that frame's CLIP embedding. ``skip_kv`` is the first clip's
     ``SourceKV`` (at this resolution) for later clips. Checkpoints go to ``checkpoint_dir`` every
     ``config.checkpoint_every`` steps; ``resume_from`` continues from one. ``should_stop`` is polled
     between steps: when it says so, the LoRA trained so far is returned (``interrupted``). A non-
@@ -274,8 +272,8 @@ def train_motion_lora(
     device = torch.device(device)
     if latents.ndim != 4 or latents.shape[1] != 4:
         raise I2VEditError(f"latents must be (frames, 4, h, w), got {tuple(latents.shape)}.")
-    if kv_source is not None:
-        kv_source.check_fits(latents.shape[-2:], trainer.fingerprint())
+    if skip_kv is not None:
+        skip_kv.check_fits(latents.shape[-2:], trainer.fingerprint())
     meta = replace(
         metadata or LoRAWeights({}),
         modules={},
@@ -319,8 +317,8 @@ def train_motion_lora(
             draws = draw_step(config.seed, step, tuple(latents.shape))
             trainer.set_dropout(config.dropout > 0)
             with _fork_rng(device):
-                torch.manual_seed(step_seed(config.seed, step))
-                loss = objective(trainer, latents, first_latent, clip_embed, draws, config, kv_source)
+                torch.manual_seed(derived_seed(config.seed, 0, Purpose.TRAIN_STEP, step))
+                loss = objective(trainer, latents, first_latent, clip_embed, draws, config, skip_kv)
                 bad = None if torch.isfinite(loss) else f"the loss became {float(loss.detach())}"
                 if bad is None:
                     optimizer.zero_grad(set_to_none=True)

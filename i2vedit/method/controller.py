@@ -24,7 +24,15 @@ import torch
 
 from ..errors import I2VEditError
 from ..svd import COND, POSITIONS, UNCOND
-from . import attention as A
+from .attention import (
+    DEFAULT_QUERY_CHUNK,
+    AttendFn,
+    apply_probs,
+    attention_probs,
+    concat_kv,
+    frame_thresholds,
+    spatial_match,
+)
 from .schedules import paired_inversion_step
 
 CONTROLLER_KEY = "i2v_controller"
@@ -68,7 +76,7 @@ class MatchConfig:
     spatial: bool = True
     temporal: bool = True
     stage2_layers: LayerSet = "paper"
-    query_chunk: int = A.DEFAULT_QUERY_CHUNK
+    query_chunk: int = DEFAULT_QUERY_CHUNK
     pair_offset: int = 0
 
     @classmethod
@@ -147,7 +155,7 @@ class AttnCall:
     temporal: bool
     heads: int
     chunks: list[str]  # kind of each batched chunk, in row order
-    attend: A.AttendFn  # the host's own attention kernel
+    attend: AttendFn  # the host's own attention kernel
 
 
 def chunk_kinds(cond_or_uncond: list[int] | None, rows: int) -> list[str]:
@@ -204,7 +212,7 @@ class AttentionController:
         self.masks = masks
         self.step, self.steps = 0, 1
         self.reference: StepCapture | None = None
-        self.kv_extra: StepCapture | None = None
+        self.skip_kv: StepCapture | None = None
         self.captured = StepCapture()
         self._inject: frozenset[int] = frozenset()
 
@@ -213,10 +221,10 @@ class AttentionController:
         step: int,
         steps: int,
         reference: StepCapture | None = None,
-        kv: StepCapture | None = None,
+        skip_kv: StepCapture | None = None,
     ) -> None:
         """Set the step, the source attention to match against (None: no matching), and clip 1's K/V."""
-        self.step, self.steps, self.reference, self.kv_extra = step, steps, reference, kv
+        self.step, self.steps, self.reference, self.skip_kv = step, steps, reference, skip_kv
         self.captured = StepCapture()
         self._inject = temporal_injection_layers(step, steps, self.config) if reference else frozenset()
 
@@ -242,7 +250,7 @@ class AttentionController:
         if "temporal" in self.capture_kinds and call.temporal:
             for kind, sl in zip(call.chunks, parts):
                 if kind == COND:
-                    probs = A.attention_probs(q[sl], k[sl], call.heads)
+                    probs = attention_probs(q[sl], k[sl], call.heads)
                     self.captured.temporal[call.index] = self._store(probs)
         if not any(special):
             return call.attend(q, k, v, call.heads)
@@ -268,9 +276,9 @@ class AttentionController:
             entry = self.captured.kv.setdefault(call.index, {})
             for kind, sl in zip(call.chunks, parts):
                 entry[kind] = (self._store(k[sl]), self._store(v[sl]))
-        if self.kv_extra is None:
+        if self.skip_kv is None:
             return k, v
-        by_kind = self.kv_extra.kv.get(call.index)
+        by_kind = self.skip_kv.kv.get(call.index)
         if by_kind is None:
             raise I2VEditError(f"the skip-interval K/V source holds nothing for layer {call.index}.")
         ks, vs = [], []
@@ -280,7 +288,7 @@ class AttentionController:
                     f"the skip-interval K/V source has no {kind} branch; the first clip must be run with the "
                     "same CFG setting as this one."
                 )
-            kk, vv = A.concat_kv(k[sl], v[sl], *(t.to(k.device) for t in by_kind[kind]))
+            kk, vv = concat_kv(k[sl], v[sl], *(t.to(k.device) for t in by_kind[kind]))
             ks.append(kk)
             vs.append(vv)
         return torch.cat(ks), torch.cat(vs)
@@ -294,15 +302,15 @@ class AttentionController:
                 f"source temporal attention {tuple(src.shape)} does not fit this clip (rows {q.shape[0]}, "
                 f"frames {q.shape[1]}, keys {v.shape[1]}): resolution, frame count or skip-interval differ."
             )
-        return A.apply_probs(src.to(v.device), v, call.heads)
+        return apply_probs(src.to(v.device), v, call.heads)
 
     def _match_spatial(self, q, k, v, call: AttnCall) -> torch.Tensor:
         src = self.reference.spatial.get(call.index) if self.reference else None
         if src is None:
             raise I2VEditError(f"the source capture holds no spatial Q/K for layer {call.index}.")
         q_s, k_s = (t.to(q.device) for t in src)
-        tau = A.frame_thresholds(q.shape[0], self.config.tau)
-        out, _, weight = A.spatial_match(q, k, v, q_s, k_s, call.heads, tau, self.config.query_chunk)
+        tau = frame_thresholds(q.shape[0], self.config.tau)
+        out, _, weight = spatial_match(q, k, v, q_s, k_s, call.heads, tau, self.config.query_chunk)
         if self.masks is not None:
             self.masks.add(weight, POSITIONS[call.index].downscale)
         return out

@@ -1,7 +1,7 @@
 """EDM inversion of one clip, keeping what attention matching and skip-interval K/V need.
 
-``invert`` integrates the probability-flow ODE upward exactly as ``samplers.sample_euler_inversion``
-does, but drives the host one model call at a time so an ``AttentionController`` can see every step.
+``invert`` integrates the probability-flow ODE upward with ``samplers.sample_euler_inversion``, over
+a model that runs the host one call per step under an ``AttentionController``, which sees every step.
 What it keeps depends on the memory mode:
 
 - ``recompute`` (default): only the latent trajectory (the latent each step evaluated, plus x_T),
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -24,7 +24,10 @@ from ..host import SVDHost
 from ..svd import SVDCond
 from . import schedules
 from .controller import CONTROLLER_KEY, AttentionController, CaptureKind, StepCapture
-from .samplers import PHASE_INVERT, PHASE_KEY, STEP_KEY, STEPS_KEY
+from .samplers import PHASE_INVERT, PHASE_KEY, STEP_KEY, STEPS_KEY, StepModel, sample_euler_inversion
+
+if TYPE_CHECKING:
+    from .skip_interval import SourceKV
 
 MemoryMode = Literal["recompute", "cache"]
 MEMORY_MODES = ("recompute", "cache")
@@ -47,34 +50,34 @@ def step_options(controller: AttentionController, step: int, steps: int, phase: 
 class Inversion:
     """One clip's inversion: its trajectory, conditioning and (cache mode) attention captures.
 
-    ``latents[i]`` is the latent inversion step i evaluated (``latents[0]`` the clean latent),
-    ``latents[-1]`` is x_T at σ_max (not normalised); ``sigmas`` are the ascending σ of those
-    latents. ``kv_source`` is the skip-interval K/V the inversion concatenated (clips after the
+    ``trajectory[i]`` is the latent inversion step i evaluated (``trajectory[0]`` the clean latent),
+    ``trajectory[-1]`` is x_T at σ_max (not normalised); ``sigmas`` are the ascending σ of those
+    latents. ``skip_kv`` is the skip-interval K/V the inversion concatenated (clips after the
     first), kept so a replay sees the same inputs.
     """
 
-    latents: torch.Tensor  # (steps + 1, frames, 4, h, w) float32, CPU
+    trajectory: torch.Tensor  # (steps + 1, frames, 4, h, w) float32, CPU
     sigmas: torch.Tensor  # (steps + 1,) ascending
     cond: SVDCond
     fingerprint: str
     captures: list[StepCapture] | None = None
-    kv_source: Any = None  # KVSource of the first clip, or None
+    skip_kv: SourceKV | None = None  # the first clip's, for later clips
 
     @property
     def steps(self) -> int:
-        return self.latents.shape[0] - 1
+        return self.trajectory.shape[0] - 1
 
     @property
     def frames(self) -> int:
-        return self.latents.shape[1]
+        return self.trajectory.shape[1]
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        return int(self.latents.shape[3]), int(self.latents.shape[4])
+        return int(self.trajectory.shape[3]), int(self.trajectory.shape[4])
 
     @property
     def x_T(self) -> torch.Tensor:
-        return self.latents[-1]
+        return self.trajectory[-1]
 
     def denoise_sigmas(self) -> torch.Tensor:
         """The descending schedule a matched denoising runs: the same σ, ending at 0."""
@@ -84,7 +87,7 @@ class Inversion:
 
     def stored_bytes(self) -> int:
         """Bytes this object holds: trajectory plus any cached captures."""
-        total = self.latents.numel() * self.latents.element_size()
+        total = self.trajectory.numel() * self.trajectory.element_size()
         if self.captures:
             total += sum(c.nbytes() for c in self.captures)
         return total
@@ -121,22 +124,22 @@ def invert(
     steps: int = 25,
     mode: MemoryMode = "recompute",
     capture_kv: bool = False,
-    kv_source: Any = None,
+    skip_kv: SourceKV | None = None,
     store_dtype: torch.dtype | None = None,
     callback: StepCallback | None = None,
 ) -> Inversion:
     """Invert clean ``latents`` (frames, 4, h, w; scaled space) with source conditioning ``cond``.
 
     ``capture_kv`` keeps the temporal K/V of every step (cache mode; the first clip's skip-interval
-    source); ``kv_source`` is the first clip's K/V source when this is a later clip.
+    source); ``skip_kv`` is the first clip's K/V source when this is a later clip.
     """
     check_mode(mode)
     if steps < 1:
         raise I2VEditError(f"inversion needs at least 1 step, got {steps}.")
     cond.check(latents)
     fingerprint = host.fingerprint()
-    if kv_source is not None:
-        kv_source.check_fits(latents.shape[-2:], fingerprint)
+    if skip_kv is not None:
+        skip_kv.check_fits(latents.shape[-2:], fingerprint)
     sigmas = schedules.inversion_sigmas(steps)
     capture: set[CaptureKind] = set()
     if mode == "cache":
@@ -144,31 +147,29 @@ def invert(
         if capture_kv:
             capture.add("kv")
     ctrl = AttentionController(capture, store_dtype=store_dtype, store_device="cpu")
-    x = latents.to(torch.float32).cpu()
     trajectory, captures = [], []
-    for i in range(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        kv = kv_source.at(PHASE_INVERT, i) if kv_source is not None else None
-        ctrl.begin_step(i, steps, kv=kv)
-        denoised = host.denoise(x, sigma, [cond], step_options(ctrl, i, steps, PHASE_INVERT))[0]
+
+    def step(i: int, x: torch.Tensor) -> torch.Tensor:
+        kv = skip_kv.at(PHASE_INVERT, i) if skip_kv is not None else None
+        ctrl.begin_step(i, steps, skip_kv=kv)
+        denoised = host.denoise(x, sigmas[i], [cond], step_options(ctrl, i, steps, PHASE_INVERT))[0]
         require_finite(denoised, f"inversion step {i + 1} of {steps}")
         trajectory.append(x)
         if mode == "cache":
             captures.append(ctrl.take())
-        if callback is not None:
-            callback(
-                {"x": x, "i": i, "sigma": sigma, "denoised": denoised, "steps": steps, "phase": PHASE_INVERT}
-            )
-        d = (x - denoised) / sigma
-        x = x + d * (sigma_next - sigma)
-    trajectory.append(x)
+        return denoised
+
+    x_T = sample_euler_inversion(
+        StepModel(step), latents.to(torch.float32).cpu(), sigmas, None, callback, True
+    )
+    trajectory.append(x_T)
     return Inversion(
         torch.stack(trajectory),
         sigmas,
         cond,
         fingerprint,
         captures if mode == "cache" else None,
-        kv_source,
+        skip_kv,
     )
 
 
@@ -183,10 +184,10 @@ def replay_source(
     if not 0 <= step < inversion.steps:
         raise I2VEditError(f"inversion step {step} is outside 0..{inversion.steps - 1}.")
     ctrl = AttentionController(capture, store_dtype=store_dtype)
-    kv = inversion.kv_source.at(PHASE_INVERT, step) if inversion.kv_source is not None else None
-    ctrl.begin_step(step, inversion.steps, kv=kv)
+    kv = inversion.skip_kv.at(PHASE_INVERT, step) if inversion.skip_kv is not None else None
+    ctrl.begin_step(step, inversion.steps, skip_kv=kv)
     opts = step_options(ctrl, step, inversion.steps, PHASE_INVERT)
-    host.denoise(inversion.latents[step], inversion.sigmas[step], [inversion.cond], opts)
+    host.denoise(inversion.trajectory[step], inversion.sigmas[step], [inversion.cond], opts)
     return ctrl.take()
 
 

@@ -1,4 +1,4 @@
-"""Matched denoising of one clip and the skip-interval K/V sources (method.md §4, §6).
+"""Matched denoising of one clip (method.md §4).
 
 ``matched_denoise`` starts from a clip's inversion and denoises it under the edited first frame's
 conditioning with per-frame CFG, while the attention controller blends each spatial layer's cond
@@ -6,11 +6,7 @@ chunk towards the source's attention and injects the source's temporal probabili
 In ``recompute`` mode the source attention of each step is replayed from the inversion's trajectory
 just before the edit call; in ``cache`` mode it is read from the inversion's captures. Both give
 the same result.
-
-Skip-interval: clips after the first attend, in every temporal self-attention layer, to the first
-clip's keys and values of the same step. ``SourceKV`` serves them for inversion (and LoRA training,
-by σ) from the first clip's inversion; ``EditKV`` serves them for denoising from the first clip's
-matched denoising. Both are exact, whether cached or recomputed by replaying the call that made them.
+Clips after the first also attend to the first clip's K/V (``skip_interval``).
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import torch
 from ..errors import I2VEditError
 from ..host import SVDHost, cfg_ramp, check_cfg, combine_cfg
 from ..svd import SVDCond
-from . import schedules
 from .controller import (
     AttentionController,
     CaptureKind,
@@ -36,69 +31,14 @@ from .inversion import (
     MemoryMode,
     StepCallback,
     check_mode,
-    replay_source,
     require_finite,
     source_capture,
     step_options,
 )
-from .samplers import PHASE_DENOISE, PHASE_INVERT, PHASE_TRAIN
+from .samplers import PHASE_DENOISE, StepModel, sample_euler_denoise
+from .skip_interval import EditKV
 
 DEFAULT_MATCH = MatchConfig()
-
-
-class KVSource:
-    """The first clip's temporal K/V for a later clip, by phase and step."""
-
-    frames: int
-    latent_hw: tuple[int, int]
-    fingerprint: str
-
-    def at(self, phase: str, step: int) -> StepCapture:
-        raise NotImplementedError
-
-    def check_fits(self, latent_hw, fingerprint: str) -> None:
-        """Raise before any sampling if this source cannot serve a clip of this size and model."""
-        hw = (int(latent_hw[0]), int(latent_hw[1]))
-        if hw != self.latent_hw:
-            raise I2VEditError(
-                f"the skip-interval K/V come from a clip at latent {self.latent_hw[0]}×{self.latent_hw[1]}, "
-                f"this clip is {hw[0]}×{hw[1]}; every clip of a video must share one resolution."
-            )
-        if fingerprint != self.fingerprint:
-            raise I2VEditError(
-                f"the skip-interval K/V were made with another model ({self.fingerprint}) than this one "
-                f"({fingerprint}); run the first clip with this model."
-            )
-
-
-class SourceKV(KVSource):
-    """K/V of the first clip's *source* inversion: for later clips' inversion and LoRA training."""
-
-    def __init__(self, host: SVDHost, inversion: Inversion, store_dtype: torch.dtype | None = None) -> None:
-        if inversion.kv_source is not None:
-            raise I2VEditError("the skip-interval K/V source must be the first clip's own inversion.")
-        self.host, self.inversion, self.store_dtype = host, inversion, store_dtype
-        self.frames, self.latent_hw, self.fingerprint = (
-            inversion.frames,
-            inversion.latent_hw,
-            inversion.fingerprint,
-        )
-        caps = inversion.captures
-        self.cached = caps is not None and all(c.kv for c in caps)
-
-    def at(self, phase: str, step: int) -> StepCapture:
-        if phase not in (PHASE_INVERT, PHASE_TRAIN):
-            raise I2VEditError(f"the source K/V serve inversion and training, not {phase!r}.")
-        if self.cached:
-            return self.inversion.captures[step]
-        return replay_source(self.host, self.inversion, step, {"kv"}, self.store_dtype)
-
-    def for_sigma(self, sigma: float) -> StepCapture:
-        """K/V for a LoRA training step at noise level ``sigma``: the inversion step just below it."""
-        return self.at(PHASE_TRAIN, schedules.sigma_to_inversion_step(sigma, self.inversion.steps))
-
-    def stored_bytes(self) -> int:
-        return self.inversion.stored_bytes()
 
 
 @dataclass
@@ -152,14 +92,14 @@ class MatchedClip:
         cfg: torch.Tensor | tuple[float, float] | None = (1.0, 2.0),
         mode: MemoryMode = "recompute",
         source_host: SVDHost | None = None,
-        kv_source: EditKV | None = None,
+        skip_kv: EditKV | None = None,
         store_dtype: torch.dtype | None = None,
     ) -> None:
         check_mode(mode)
         self.config = config.validate() if config is not None else None
         self.host, self.inversion, self.cond = host, inversion, cond
         self.source_host = source_host if source_host is not None else host
-        self.mode, self.kv_source, self.store_dtype = mode, kv_source, store_dtype
+        self.mode, self.skip_kv, self.store_dtype = mode, skip_kv, store_dtype
         frames, hw = inversion.frames, inversion.latent_hw
         try:
             cond.check(inversion.x_T)
@@ -175,15 +115,15 @@ class MatchedClip:
                 "cache mode needs an inversion made in cache mode (it holds the attention of every step); "
                 "invert with mode='cache' or use mode='recompute'."
             )
-        if (inversion.kv_source is None) != (kv_source is None):
+        if (inversion.skip_kv is None) != (skip_kv is None):
             raise I2VEditError(
                 "a clip inverted with skip-interval K/V must be denoised with them, and only such a clip: "
                 "pass the first clip's EditKV for clips after the first, none for the first."
             )
         self.cfg = as_cfg(cfg, frames)
-        if kv_source is not None:
-            kv_source.check_fits(hw, inversion.fingerprint)
-            if kv_source.cfg_branches != (1 if self.cfg is None else 2):
+        if skip_kv is not None:
+            skip_kv.check_fits(hw, inversion.fingerprint)
+            if skip_kv.cfg_branches != (1 if self.cfg is None else 2):
                 raise I2VEditError(
                     "the first clip was denoised with a different CFG setting (with or without CFG) than "
                     "this clip; its K/V cannot line up with this clip's branches."
@@ -211,8 +151,8 @@ class MatchedClip:
             capture, self.config, store_dtype=self.store_dtype,
             store_device="cpu" if self.mode == "cache" else None, masks=masks,
         )  # fmt: skip
-        kv = self.kv_source.at(PHASE_DENOISE, step) if self.kv_source is not None else None
-        ctrl.begin_step(step, self.steps, reference=self.reference(step), kv=kv)
+        kv = self.skip_kv.at(PHASE_DENOISE, step) if self.skip_kv is not None else None
+        ctrl.begin_step(step, self.steps, reference=self.reference(step), skip_kv=kv)
         opts = step_options(ctrl, step, self.steps, PHASE_DENOISE)
         sigma = self.sigmas[step]
         if self.cfg is None:
@@ -227,22 +167,17 @@ class MatchedClip:
         inv = self.inversion
         masks = MaskAccumulator(inv.frames, inv.latent_hw) if self.config is not None else None
         keep_kv = capture_kv and self.mode == "cache"
-        x = inv.x_T.clone()
         trajectory, kv_caps = [], []
-        for k in range(self.steps):
-            sigma, sigma_next = self.sigmas[k], self.sigmas[k + 1]
+
+        def step(k: int, x: torch.Tensor) -> torch.Tensor:
             denoised, cap = self.denoised(k, x, keep_kv, masks)
             require_finite(denoised, f"denoising step {k + 1} of {self.steps}")
             trajectory.append(x)
             if keep_kv:
                 kv_caps.append(cap)
-            if callback is not None:
-                callback({"x": x, "i": k, "sigma": sigma, "denoised": denoised, "steps": self.steps,
-                          "phase": PHASE_DENOISE})  # fmt: skip
-            if sigma_next == 0:
-                x = denoised
-            else:
-                x = x + (x - denoised) / sigma * (sigma_next - sigma)
+            return denoised
+
+        x = sample_euler_denoise(StepModel(step), inv.x_T.clone(), self.sigmas, None, callback, True)
         trajectory.append(x)
         return MatchedResult(
             x,
@@ -260,41 +195,15 @@ def matched_denoise(
     cfg: torch.Tensor | tuple[float, float] | None = (1.0, 2.0),
     mode: MemoryMode = "recompute",
     source_host: SVDHost | None = None,
-    kv_source: EditKV | None = None,
+    skip_kv: EditKV | None = None,
     capture_kv: bool = False,
     store_dtype: torch.dtype | None = None,
     callback: StepCallback | None = None,
 ) -> MatchedResult:
     """Denoise one clip from its inversion under ``cond`` (the edited first frame's conditioning).
 
-    ``config`` None turns matching off (plain denoising from the inversion). ``kv_source`` is the
+    ``config`` None turns matching off (plain denoising from the inversion). ``skip_kv`` is the
     first clip's ``EditKV`` for later clips. See ``MatchedClip`` for the arguments.
     """
-    clip = MatchedClip(host, inversion, cond, config, cfg, mode, source_host, kv_source, store_dtype)
+    clip = MatchedClip(host, inversion, cond, config, cfg, mode, source_host, skip_kv, store_dtype)
     return clip.run(capture_kv, callback)
-
-
-class EditKV(KVSource):
-    """K/V of the first clip's *edited* denoising, for later clips' denoising (same step).
-
-    With the first clip's K/V captured (cache mode, ``capture_kv=True``) they are read back; else
-    the first clip's matched call of that step is replayed from its trajectory.
-    """
-
-    def __init__(self, clip: MatchedClip, result: MatchedResult) -> None:
-        if clip.kv_source is not None:
-            raise I2VEditError("the skip-interval K/V source must be the first clip's own denoising.")
-        self.clip, self.result = clip, result
-        inv = clip.inversion
-        self.frames, self.latent_hw, self.fingerprint = inv.frames, inv.latent_hw, inv.fingerprint
-        self.cfg_branches = 1 if clip.cfg is None else 2
-
-    def at(self, phase: str, step: int) -> StepCapture:
-        if phase != PHASE_DENOISE:
-            raise I2VEditError(f"the edited K/V serve denoising, not {phase!r}.")
-        if self.result.kv_captures is not None:
-            return self.result.kv_captures[step]
-        return self.clip.denoised(step, self.result.trajectory[step], capture_kv=True)[1]
-
-    def stored_bytes(self) -> int:
-        return self.result.stored_bytes()

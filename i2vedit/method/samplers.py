@@ -36,6 +36,18 @@ def announce_step(extra_args: dict[str, Any], step: int, phase: str, steps: int)
     opts[STEPS_KEY] = steps
 
 
+class StepModel:
+    """A k-diffusion model made of a per-step function: ``fn(step, x)`` returns x0 for the step the
+    sampler announced in ``transformer_options``. The method's inversion and matched denoising drive
+    the samplers through it, so the samplers' Euler steps are the only ones in the codebase."""
+
+    def __init__(self, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict | None = None, **_: Any):
+        return self.fn(int((model_options or {})["transformer_options"][STEP_KEY]), x)
+
+
 def _check_sigmas(sigmas: torch.Tensor, ascending: bool) -> None:
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise I2VEditError("sigmas must be a 1-D list of at least two values.")
@@ -76,7 +88,8 @@ def sample_euler_inversion(
         denoised = model(x, sigma * s_in, **extra_args)
         d = (x - denoised) / sigma
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised,
+                      "steps": steps, "phase": PHASE_INVERT})  # fmt: skip
         x = x + d * (sigma_next - sigma)
     return x
 
@@ -100,7 +113,8 @@ def sample_euler_denoise(
         announce_step(extra_args, i, PHASE_DENOISE, steps)
         denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised,
+                      "steps": steps, "phase": PHASE_DENOISE})  # fmt: skip
         if sigma_next == 0:
             x = denoised
         else:

@@ -17,47 +17,47 @@ model reuses the inversions and LoRAs. ``edit_frames`` adds resizing/padding to 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import shutil
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..errors import I2VEditError
 from ..host import SVDHost
-from ..io import frames as C
-from ..io.files import save_safetensors_atomic, writable_folder, write_text_atomic
+from ..io.files import save_safetensors_atomic
+from ..io.frames import (
+    ResizeMode,
+    check_size,
+    clip_ranges,
+    fit_size,
+    make_resize_plan,
+    resize_frames,
+    stitch_clips,
+)
 from ..lora.file import LoRAWeights, load_lora, save_lora
 from ..lora.train import TrainConfig, latest_checkpoint, training_size
 from ..method.controller import MatchConfig
 from ..method.inversion import Inversion, MemoryMode, check_mode, invert
-from ..method.matching import EditKV, MatchedClip, MatchedResult, SourceKV
+from ..method.matching import MatchedClip, MatchedResult
 from ..method.sarp import sarp
+from ..method.skip_interval import SkipInterval
+from ..seeds import Purpose, derived_seed, generator, train_seed
 from ..svd import LATENT_SCALE
+from .reuse import ReuseFolder, ReuseStore, Span, chain_key, edit_key, read_tensors
 from .stages import (
-    SEED_CONDITION,
-    SEED_ENCODE,
-    SEED_SARP,
-    SEED_TRAIN,
-    SEED_TRAIN_ENCODE,
-    SEED_TRAIN_RES,
+    ClipEdit,
     cond_from,
     cond_tensors,
     denoise_time_ids,
-    derived_seed,
-    edit_conditioning,
+    edit_clip,
     encode_source,
-    generator,
     load_inversion,
     save_inversion,
     train_clip_lora,
@@ -66,11 +66,11 @@ from .stages import (
 log = logging.getLogger("i2vedit")
 
 Progress = Callable[[dict[str, Any]], None]
-MANIFEST = "manifest.json"
-LOCK = ".lock"
 FORMAT = "i2vedit.pipeline/3"
 EDIT_FORMAT = "i2vedit.edit/1"
 LORA_CHECKPOINTS = "lora_checkpoints"
+INVERSION_FILE = "inversion.safetensors"
+LORA_FILE = "lora.safetensors"
 MAX_STEPS = 1000
 MAX_LORA_STEPS = 100_000
 MAX_CHUNK = 64
@@ -176,194 +176,30 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha1(data.numpy().tobytes()).hexdigest()[:16]
 
 
-class _Timer:
+class Timer:
+    """Adds up the wall time and calls of each stage of a run, and reports each stage as it starts."""
+
     def __init__(self, progress: Progress | None, clips: int) -> None:
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.progress, self.clips, self.t0 = progress, clips, time.perf_counter()
 
-    def stage(self, name: str, clip: int, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """Run ``fn(*args, **kw)`` as stage ``name`` of clip ``clip``: report progress, add up its time."""
+    @contextmanager
+    def __call__(self, name: str, clip: int) -> Iterator[None]:
+        """Time the block as stage ``name`` of clip ``clip`` (a stage that raises is not counted)."""
         if self.progress is not None:
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / clip * (self.clips - clip) if clip else None
             self.progress({"stage": name, "clip": clip, "clips": self.clips, "elapsed": elapsed, "eta": eta})
         t = time.perf_counter()
-        out = fn(*args, **kw)
+        yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
         self.counts[name] = self.counts.get(name, 0) + 1
-        return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        import psutil  # in every ComfyUI install; optional on the command line
-
-        return bool(psutil.pid_exists(pid))
-    except ImportError:
-        pass
-    if os.name == "nt":
-        return True  # cannot tell without psutil: treat the lock as held
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class ReuseFolder:
-    """A folder holding per-clip inversions, LoRAs and edits of one video and model, with a manifest.
-
-    Inversions and LoRAs are shared by every edit of the video (their settings are in the manifest);
-    each stored edit is keyed by a digest of everything that shapes it (``edit_key`` / ``chain_key``),
-    so edits of one source coexist. Every file records its clip and frame range, checked on load; a
-    file that cannot be read is recomputed (with a warning), one of another clip is refused. One run
-    at a time: a lock file keeps a second run out.
-    """
-
-    def __init__(self, path: str | Path, identity: dict[str, Any]) -> None:
-        self.path = writable_folder(path, "reuse folder")
-        self.identity = identity
-        self.warnings: list[str] = []
-        self._lock: Path | None = self._acquire()
-        try:
-            self._check_manifest()
-        except BaseException:
-            self.release()
-            raise
-
-    def _acquire(self) -> Path:
-        lock = self.path / LOCK
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._lock_holder(lock)
-                if holder is not None and holder.get("host") == socket.gethostname():
-                    pid = int(holder.get("pid", -1))
-                    if pid > 0 and not _pid_alive(pid):
-                        self.warn(
-                            f"{lock} was left by process {pid}, which has ended; taking the folder over."
-                        )
-                        lock.unlink(missing_ok=True)
-                        continue
-                who = (
-                    f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
-                    if holder is not None
-                    else "a run whose lock file cannot be read"
-                )
-                raise I2VEditError(
-                    f"the reuse folder {self.path} is in use by another run ({who}); wait for it to finish or "
-                    f"give another reuse folder. If no other run is using it, delete {lock}."
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)  # fmt: skip
-            return lock
-        raise I2VEditError(f"could not lock the reuse folder {self.path}; another run took it. Try again.")
-
-    @staticmethod
-    def _lock_holder(lock: Path) -> dict[str, Any] | None:
-        try:
-            holder = json.loads(lock.read_text())
-        except (OSError, ValueError):
-            return None
-        return holder if isinstance(holder, dict) else None
-
-    def release(self) -> None:
-        """Give the folder back to other runs (idempotent)."""
-        if self._lock is not None:
-            self._lock.unlink(missing_ok=True)
-            self._lock = None
-
-    def __enter__(self) -> ReuseFolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def _check_manifest(self) -> None:
-        manifest = self.path / MANIFEST
-        if not manifest.exists():
-            write_text_atomic(manifest, json.dumps(self.identity, indent=1))
-            return
-        try:
-            old = json.loads(manifest.read_text())
-        except (OSError, ValueError) as e:
-            raise I2VEditError(f"{manifest} is unreadable ({e}); delete the folder or choose another.") from e
-        for key in ("format", "video", "model", "settings"):
-            if old.get(key) != self.identity.get(key):
-                raise I2VEditError(
-                    f"the reuse folder {self.path} belongs to another {key} ({old.get(key)!r}, this run has "
-                    f"{self.identity.get(key)!r}); its inversions and LoRAs cannot be reused. Choose another folder."
-                )
-
-    def warn(self, message: str) -> None:
-        log.warning("%s", message)
-        self.warnings.append(message)
-
-    def clip_dir(self, i: int) -> Path:
-        d = self.path / f"clip_{i:03d}"
-        d.mkdir(exist_ok=True)
-        return d
-
-    def file(self, i: int, name: str) -> Path:
-        return self.path / f"clip_{i:03d}" / name
-
-    def has(self, i: int, name: str) -> bool:
-        return self.file(i, name).is_file()
-
-    @staticmethod
-    def clip_meta(i: int, span: tuple[int, int]) -> dict[str, str]:
-        return {"pipeline.clip": str(i), "pipeline.frames": f"{span[0]},{span[1]}"}
-
-    def check_clip(self, path: Path, meta: dict[str, str], i: int, span: tuple[int, int]) -> None:
-        """Refuse a stored file made for another clip or frame range (a folder changed by hand)."""
-        want = self.clip_meta(i, span)
-        got = {k: meta.get(k) for k in want}
-        if got != want:
-            raise I2VEditError(
-                f"{path} was made for clip {got['pipeline.clip']} (frames {got['pipeline.frames']}), but it "
-                f"lies in the folder of clip {i} (frames {span[0]},{span[1]}): the reuse folder was changed "
-                "by hand. Delete that file (it is recomputed) or the whole folder."
-            )
-
-    def load_tensors(self, i: int, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        """A stored file's tensors and metadata; None (with a warning) when it cannot be read."""
-        from safetensors import safe_open
-
-        path = self.file(i, name)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-            return load_file(str(path)), meta
-        except (OSError, SafetensorError) as e:
-            self.warn(f"{path} is damaged ({e}); recomputing it.")
-            return None
-
-
-def edit_key(edited: torch.Tensor, settings: EditSettings) -> str:
-    """A digest of everything that shapes an edit's first clip beyond the folder's own identity."""
-    h = hashlib.sha256(repr(tuple(edited.shape)).encode())
-    h.update(edited.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(json.dumps(settings.edit_identity(), sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
-
-
-def chain_key(key: str, prev: tuple[torch.Tensor, torch.Tensor] | None) -> str:
-    """The key of one clip of an edit: the edit's key and, after clip 0, what the clip continues from."""
-    if prev is None:
-        return key
-    h = hashlib.sha256(key.encode())
-    for t in prev:
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:20]
 
 
 def video_clip_ranges(frames: int, settings: EditSettings) -> list[tuple[int, int]]:
     """The clips ``edit_video`` cuts a video of ``frames`` frames into (a shorter video: one clip)."""
-    return C.clip_ranges(frames, min(settings.chunk, frames), settings.overlap) if frames > 1 else [(0, 1)]
+    return clip_ranges(frames, min(settings.chunk, frames), settings.overlap) if frames > 1 else [(0, 1)]
 
 
 def training_hw(height: int, width: int, settings: EditSettings) -> tuple[int, int]:
@@ -376,7 +212,7 @@ def _check_inputs(frames: torch.Tensor, fps: float, edits: list[torch.Tensor]) -
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise I2VEditError(f"frames must be an IMAGE batch (N, H, W, 3), got {tuple(frames.shape)}.")
     n, height, width, _ = frames.shape
-    C.check_size(height, width)
+    check_size(height, width)
     if not bool(torch.isfinite(frames).all()):
         raise I2VEditError("the video frames hold NaN or inf values; give frames in [0, 1].")
     if not edits:
@@ -413,213 +249,193 @@ def edit_video(
     """
     settings = settings.validate()
     n, height, width = _check_inputs(frames, fps, edits)
-    fingerprint = host.fingerprint()
     ranges = video_clip_ranges(n, settings)
     if ranges[0][1] - ranges[0][0] < 2:
         raise I2VEditError("the video has a single frame; SVD needs at least 2 frames.")
+    train_hw = training_hw(height, width, settings)
+    check_size(*train_hw)
+    fingerprint = host.fingerprint()
     identity = {
         "format": FORMAT, "video": _digest(frames), "model": fingerprint, "settings": settings.identity(),
         "frames": n, "size": [height, width],
     }  # fmt: skip
-    train_hw = training_hw(height, width, settings)
-    C.check_size(*train_hw)
-    keys = [edit_key(img, settings) for img in edits]
-    reuse = ReuseFolder(reuse_dir, identity) if reuse_dir is not None else None
+    folder = ReuseFolder(reuse_dir, identity) if reuse_dir is not None else None
+    run = _Run(host, fingerprint, frames, fps, edits, settings, ReuseStore(folder), train_hw, ranges,
+               progress, should_stop, step_callback)  # fmt: skip
     try:
-        run = _Run(host, frames, fps, edits, keys, settings, reuse, train_hw, ranges, progress, should_stop,
-                   step_callback)  # fmt: skip
         for i in range(len(ranges)):
             run.clip(i)
     finally:
-        if reuse is not None:
-            reuse.release()
-    videos = [C.stitch_clips(parts, settings.overlap) for parts in run.outputs]
-    mask_videos = [C.stitch_clips(parts, settings.overlap) for parts in run.masks]
+        if folder is not None:
+            folder.release()
     report = {
         "frames": n, "clips": len(ranges), "clip_ranges": ranges, "edits": len(edits), "size": [height, width],
         "train_size": list(train_hw), "seconds": run.timer.seconds, "calls": run.timer.counts,
-        "stored_bytes": run.stored, "edit_keys": keys, "warnings": reuse.warnings if reuse is not None else [],
+        "stored_bytes": run.stored, "edit_keys": run.keys, "warnings": run.store.warnings,
     }  # fmt: skip
-    return EditResult(videos, mask_videos, report)
+    videos = [stitch_clips(parts, settings.overlap) for parts in run.outputs]
+    return EditResult(videos, [stitch_clips(parts, settings.overlap) for parts in run.masks], report)
 
 
 class _Run:
-    """One ``edit_video`` run: the state carried from clip to clip (chaining, skip-interval K/V)."""
+    """One ``edit_video`` run: the method clip by clip, with what carries from clip to clip."""
 
-    def __init__(self, host, frames, fps, edits, keys, settings: EditSettings, reuse: ReuseFolder | None,
-                 train_hw, ranges, progress, should_stop, step_callback) -> None:  # fmt: skip
-        self.host, self.frames, self.edits, self.keys, self.settings = host, frames, edits, keys, settings
-        self.reuse, self.train_hw, self.ranges = reuse, train_hw, ranges
+    def __init__(self, host: SVDHost, fingerprint: str, frames: torch.Tensor, fps: float, edits: list[torch.Tensor],
+                 settings: EditSettings, store: ReuseStore, train_hw: tuple[int, int], ranges: list[Span],
+                 progress: Progress | None, should_stop: Callable[[], bool] | None,
+                 step_callback: Progress | None) -> None:  # fmt: skip
+        self.host, self.fingerprint, self.frames, self.edits, self.settings = (
+            host,
+            fingerprint,
+            frames,
+            edits,
+            settings,
+        )
+        self.store, self.train_hw, self.ranges = store, train_hw, ranges
         self.should_stop, self.step_callback = should_stop, step_callback
-        self.size = tuple(frames.shape[1:3])
-        self.timer = _Timer(progress, len(ranges))
+        self.size = (int(frames.shape[1]), int(frames.shape[2]))
+        self.keys = [edit_key(img, settings.edit_identity()) for img in edits]
+        self.timer = Timer(progress, len(ranges))
         self.denoise_ids = denoise_time_ids(fps)
-        self.cache_kv = settings.mode == "cache" and settings.skip_interval
+        self.skip = SkipInterval(settings.skip_interval, len(edits), capture=settings.mode == "cache")
         self.outputs: list[list[torch.Tensor]] = [[] for _ in edits]
         self.masks: list[list[torch.Tensor]] = [[] for _ in edits]
         # per edit: the previous edited clip's final last-frame latent and decoded last frame
         self.prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(edits)
-        self.source_kv: SourceKV | None = None
-        self.train_kv: SourceKV | None = None
-        self.edit_kv: list[EditKV | None] = [None] * len(edits)
         self.perturbed0: torch.Tensor | None = None
         self.stored = 0
 
     def clip(self, i: int) -> None:
-        s, timer, reuse = self.settings, self.timer, self.reuse
-        a, b = self.ranges[i]
-        later = i > 0 and s.skip_interval
+        """SARP → inversion (base model) → motion LoRA → each edit's matched denoising, chained."""
+        s, span = self.settings, self.ranges[i]
         if self.should_stop is not None and self.should_stop():
             raise I2VEditError(
                 f"interrupted before clip {i + 1} of {len(self.ranges)}; finished clips are in the reuse folder."
             )
-        perturbed, _ = timer.stage("sarp", i, sarp, self.frames[a:b], derived_seed(s.seed, i, SEED_SARP),
-                                   s.sarp_noise, s.sarp_threshold)  # fmt: skip
+        with self.timer("sarp", i):
+            perturbed, _ = sarp(self.frames[span[0] : span[1]], derived_seed(s.seed, i, Purpose.SARP),
+                                s.sarp_noise, s.sarp_threshold)  # fmt: skip
         if i == 0:
             self.perturbed0 = perturbed
-        inv = self._stored_inversion(i, (a, b))
-        if inv is None:
-            g = generator(s.seed, i, SEED_ENCODE)
-            latents, src_cond = timer.stage(
-                "encode", i, encode_source, self.host, perturbed, g, s.inversion_fps_id
-            )
-            inv = timer.stage("invert", i, invert, self.host, latents, src_cond, s.steps, s.mode,
-                              capture_kv=self.cache_kv and i == 0, kv_source=self.source_kv if later else None,
-                              callback=_tagged(self.step_callback, i, "invert"))  # fmt: skip
-            if reuse is not None:
-                save_inversion(reuse.clip_dir(i) / "inversion.safetensors", inv, reuse.clip_meta(i, (a, b)))
-        elif later:
-            inv.kv_source = self.source_kv
-        self.stored += inv.stored_bytes()
-        # an inversion read back from the reuse folder holds no captures: replay them (exact, slower)
-        mode = s.mode if inv.captures is not None else "recompute"
-        if i == 0 and s.skip_interval:
-            self.source_kv = SourceKV(self.host, inv)
-        lora_host = self.host
-        if s.lora_steps > 0:
-            weights = self._stored_lora(i, (a, b))
-            if weights is None:
-                weights = self._train(i, (a, b), perturbed, inv)
-            lora_host = self.host.with_lora(weights)
+        inv = self._inversion(i, span, perturbed)
+        lora_host = (
+            self.host.with_lora(self._lora(i, span, perturbed, inv)) if s.lora_steps > 0 else self.host
+        )
         for e in range(len(self.edits)):
-            self._edit(i, (a, b), e, inv, lora_host, mode)
+            self._edit(i, span, e, inv, lora_host)
 
-    def _stored_inversion(self, i: int, span: tuple[int, int]) -> Inversion | None:
-        reuse = self.reuse
-        if reuse is None or not reuse.has(i, "inversion.safetensors"):
-            return None
-        path = reuse.file(i, "inversion.safetensors")
-        try:
+    def _inversion(self, i: int, span: Span, perturbed: torch.Tensor) -> Inversion:
+        s = self.settings
+
+        def read(path: Path) -> tuple[Inversion, dict[str, str]]:
             inv, meta = load_inversion(path)
-        except I2VEditError as e:
-            reuse.warn(f"{path} cannot be used ({e}); recomputing it.")
-            return None
-        reuse.check_clip(path, meta, i, span)
-        inv.fingerprint = reuse.identity["model"]  # the manifest already proved the model
+            inv.fingerprint = self.fingerprint  # the manifest already proved the model
+            return inv, meta
+
+        def make() -> Inversion:
+            with self.timer("encode", i):
+                latents, cond = encode_source(self.host, perturbed, generator(s.seed, i, Purpose.ENCODE),
+                                              s.inversion_fps_id)  # fmt: skip
+            with self.timer("invert", i):
+                return invert(self.host, latents, cond, s.steps, s.mode, capture_kv=self.skip.capture_kv(i),
+                              skip_kv=self.skip.for_inversion(i), callback=_tagged(self.step_callback, i, "invert"))  # fmt: skip
+
+        inv, stored = self.store.get(i, span, INVERSION_FILE, read, make, save_inversion)
+        if stored:
+            inv.skip_kv = self.skip.for_inversion(i)
+        if i == 0:
+            self.skip.first_inversion(self.host, inv)
+        self.stored += inv.stored_bytes()
         return inv
 
-    def _stored_lora(self, i: int, span: tuple[int, int]) -> LoRAWeights | None:
-        reuse = self.reuse
-        if reuse is None or not reuse.has(i, "lora.safetensors"):
-            return None
-        path = reuse.file(i, "lora.safetensors")
-        try:
+    def _lora(self, i: int, span: Span, perturbed: torch.Tensor, inv: Inversion) -> LoRAWeights:
+        def read(path: Path) -> tuple[LoRAWeights, dict[str, str]]:
             weights = load_lora(path)
-        except I2VEditError as e:
-            reuse.warn(f"{path} cannot be used ({e}); training it again.")
-            return None
-        reuse.check_clip(path, weights.extra_metadata, i, span)
-        return weights
+            return weights, weights.extra_metadata
 
-    def _train(self, i: int, span: tuple[int, int], perturbed: torch.Tensor, inv: Inversion) -> LoRAWeights:
-        s, reuse = self.settings, self.reuse
-        if i > 0 and s.skip_interval and self.train_kv is None:
-            self.train_kv = self.source_kv
-            if self.train_hw != self.size:
-                assert self.perturbed0 is not None
-                self.train_kv = SourceKV(self.host, _train_res_inversion(
-                    self.host, self.perturbed0, self.train_hw, s, self.timer, self.step_callback))  # fmt: skip
-        ckpt_dir, resume = None, None
-        if reuse is not None:
-            ckpt_dir = reuse.clip_dir(i) / LORA_CHECKPOINTS
-            ckpt_dir.mkdir(exist_ok=True)
-            resume = latest_checkpoint(ckpt_dir)
-            if resume is not None:
-                try:
-                    load_lora(resume)
-                except I2VEditError as e:
-                    reuse.warn(f"the LoRA checkpoint {resume} cannot be used ({e}); training from step 0.")
-                    shutil.rmtree(ckpt_dir, ignore_errors=True)
-                    ckpt_dir.mkdir()
-                    resume = None
-        weights = self.timer.stage("lora", i, _train_lora, self.host, perturbed, inv, self.train_hw, self.size, s,
-                                   i, self.train_kv if i > 0 else None, self.should_stop, self.step_callback,
-                                   ckpt_dir, resume)  # fmt: skip
-        if reuse is not None:
-            meta = {**weights.extra_metadata, **reuse.clip_meta(i, span)}
-            weights = replace(weights, extra_metadata=meta)
-            save_lora(reuse.clip_dir(i) / "lora.safetensors", weights)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)  # type: ignore[arg-type]
-        return weights
+        def write(path: Path, weights: LoRAWeights, meta: dict[str, str]) -> None:
+            save_lora(path, replace(weights, extra_metadata={**weights.extra_metadata, **meta}))
+            shutil.rmtree(path.parent / LORA_CHECKPOINTS, ignore_errors=True)
 
-    def _edit(
-        self, i: int, span: tuple[int, int], e: int, inv: Inversion, lora_host: SVDHost, mode: MemoryMode
-    ) -> None:
-        s, reuse, timer = self.settings, self.reuse, self.timer
-        later = i > 0 and s.skip_interval
+        return self.store.get(i, span, LORA_FILE, read, lambda: self._train(i, perturbed, inv), write)[0]
+
+    def _train(self, i: int, perturbed: torch.Tensor, inv: Inversion) -> LoRAWeights:
+        s = self.settings
+        at_train_res = None if self.train_hw == self.size else self._first_clip_at_train_res
+        skip_kv = self.skip.for_training(i, self.host, at_train_res)
+        checkpoints, resume = self._checkpoints(i)
+        with self.timer("lora", i):
+            return _train_lora(self.host, perturbed, inv, self.train_hw, self.size, s, i, skip_kv, self.should_stop,
+                               self.step_callback, checkpoints, resume)  # fmt: skip
+
+    def _first_clip_at_train_res(self) -> Inversion:
+        """The first clip inverted again at training resolution, for later clips' training K/V."""
+        s = self.settings
+        assert self.perturbed0 is not None
+        small = resize_frames(self.perturbed0, *self.train_hw)
+        latents, cond = encode_source(
+            self.host, small, generator(s.seed, 0, Purpose.TRAIN_RES), s.inversion_fps_id
+        )
+        with self.timer("invert_train_res", 0):
+            return invert(self.host, latents, cond, s.steps,
+                          callback=_tagged(self.step_callback, 0, "invert_train_res"))  # fmt: skip
+
+    def _checkpoints(self, i: int) -> tuple[Path | None, Path | None]:
+        """Clip ``i``'s LoRA checkpoint folder in the reuse folder, and a usable checkpoint to resume from."""
+        folder = self.store.folder
+        if folder is None:
+            return None, None
+        checkpoints = folder.clip_dir(i) / LORA_CHECKPOINTS
+        checkpoints.mkdir(exist_ok=True)
+        resume = latest_checkpoint(checkpoints)
+        if resume is not None:
+            try:
+                load_lora(resume)
+            except I2VEditError as e:
+                folder.warn(f"the LoRA checkpoint {resume} cannot be used ({e}); training from step 0.")
+                shutil.rmtree(checkpoints, ignore_errors=True)
+                checkpoints.mkdir()
+                resume = None
+        return checkpoints, resume
+
+    def _edit(self, i: int, span: Span, e: int, inv: Inversion, lora_host: SVDHost) -> None:
+        s = self.settings
         key = chain_key(self.keys[e], self.prev[e])
-        name = f"edit_{key}.safetensors"
-        stored = reuse.load_tensors(i, name) if reuse is not None and reuse.has(i, name) else None
-        if stored is not None:
-            assert reuse is not None
-            t, meta = stored
-            reuse.check_clip(reuse.file(i, name), meta, i, span)
-            cond = cond_from("cond", t)
-            final, trajectory, decoded, mask = t["latents"], t["trajectory"], t["frames"], t["masks"]
-            clip = MatchedClip(lora_host, inv, cond, s.match, s.cfg, mode, self.host,
-                               self.edit_kv[e] if later else None)  # fmt: skip
-        else:
-            cond = timer.stage("condition", i, edit_conditioning, self.host, self.edits[e], self.denoise_ids,
-                               generator(s.seed, i, SEED_CONDITION, e), self.prev[e])  # fmt: skip
-            clip = MatchedClip(lora_host, inv, cond, s.match, s.cfg, mode, self.host,
-                               self.edit_kv[e] if later else None)  # fmt: skip
-            result = timer.stage("denoise", i, clip.run, capture_kv=self.cache_kv and i == 0,
-                                 callback=_tagged(self.step_callback, i, "denoise"))  # fmt: skip
-            final, trajectory = result.latents, result.trajectory
-            h, w = self.size
-            mask = (
-                result.frame_masks(h, w) if result.masks is not None else torch.zeros(span[1] - span[0], h, w)
+        # an inversion read back from the reuse folder holds no captures: replay them (exact, slower)
+        mode: MemoryMode = s.mode if inv.captures is not None else "recompute"
+        skip_kv = self.skip.for_denoising(i, e)
+
+        def read(path: Path) -> tuple[ClipEdit, dict[str, str]]:
+            t, meta = read_tensors(path)
+            try:
+                clip = MatchedClip(
+                    lora_host, inv, cond_from("cond", t), s.match, s.cfg, mode, self.host, skip_kv
+                )
+                return ClipEdit(
+                    clip, MatchedResult(t["latents"], t["trajectory"], None), t["frames"], t["masks"]
+                ), meta
+            except KeyError as err:
+                raise I2VEditError(f"it lacks {err}") from None
+
+        def make() -> ClipEdit:
+            return edit_clip(self.host, lora_host, inv, self.edits[e], self.prev[e], self.denoise_ids,
+                             generator(s.seed, i, Purpose.CONDITION, e), s.match, s.cfg, mode, skip_kv,
+                             self.skip.capture_kv(i), s.decode_chunk, _tagged(self.step_callback, i, "denoise"),
+                             stage=lambda name: self.timer(name, i))  # fmt: skip
+
+        def write(path: Path, edit: ClipEdit, meta: dict[str, str]) -> None:
+            tensors = {"latents": edit.result.latents, "trajectory": edit.result.trajectory, "frames": edit.frames,
+                       "masks": edit.masks, **cond_tensors("cond", edit.clip.cond)}  # fmt: skip
+            save_safetensors_atomic(
+                path, tensors, {"format": EDIT_FORMAT, "edit_key": self.keys[e], "chain_key": key, **meta}
             )
-            decoded = timer.stage("decode", i, self.host.vae_decode, final / LATENT_SCALE, s.decode_chunk)
-            if reuse is not None:
-                meta = {
-                    "format": EDIT_FORMAT,
-                    "edit_key": self.keys[e],
-                    "chain_key": key,
-                    **reuse.clip_meta(i, span),
-                }
-                save_safetensors_atomic(reuse.clip_dir(i) / name, {"latents": final, "trajectory": trajectory,
-                                        "frames": decoded, "masks": mask, **cond_tensors("cond", cond)}, meta)  # fmt: skip
-            if i == 0 and self.cache_kv:
-                self.edit_kv[e] = EditKV(clip, result)
-        if i == 0 and s.skip_interval:
-            if self.edit_kv[e] is None:
-                self.edit_kv[e] = EditKV(clip, MatchedResult(final, trajectory, None))
-            self.stored += self.edit_kv[e].stored_bytes()  # type: ignore[union-attr]
-        self.prev[e] = (final[-1:], decoded[-1:])
-        self.outputs[e].append(decoded)
-        self.masks[e].append(mask)
 
-
-def _train_res_inversion(
-    host, perturbed, hw, settings: EditSettings, timer: _Timer, step_callback
-) -> Inversion:
-    """The first clip inverted again at training resolution, for later clips' training K/V."""
-    small = C.resize_frames(perturbed, *hw)
-    g = generator(settings.seed, 0, SEED_TRAIN_RES)
-    latents, cond = encode_source(host, small, g, settings.inversion_fps_id)
-    return timer.stage("invert_train_res", 0, invert, host, latents, cond, settings.steps,
-                       callback=_tagged(step_callback, 0, "invert_train_res"))  # fmt: skip
+        edit, _ = self.store.get(i, span, f"edit_{key}.safetensors", read, make, write)
+        if i == 0 and (edit_kv := self.skip.first_edit(e, edit.clip, edit.result)) is not None:
+            self.stored += edit_kv.stored_bytes()
+        self.prev[e] = (edit.result.latents[-1:], edit.frames[-1:])
+        self.outputs[e].append(edit.frames)
+        self.masks[e].append(edit.masks)
 
 
 def _train_lora(
@@ -627,15 +443,15 @@ def _train_lora(
     checkpoint_dir=None, resume_from=None,
 ):  # fmt: skip
     if train_hw == tuple(gen_hw):
-        latents, first_raw = inv.latents[0], inv.latents[0][:1] / LATENT_SCALE
+        latents, first_raw = inv.trajectory[0], inv.trajectory[0][:1] / LATENT_SCALE
         clip_embed = inv.cond.clip_embed
     else:
-        small = C.resize_frames(perturbed, *train_hw)
-        g = generator(settings.seed, i, SEED_TRAIN_ENCODE)
+        small = resize_frames(perturbed, *train_hw)
+        g = generator(settings.seed, i, Purpose.TRAIN_ENCODE)
         latents, cond = encode_source(host, small, g, settings.inversion_fps_id)
         first_raw, clip_embed = latents[:1] / LATENT_SCALE, cond.clip_embed
     config = TrainConfig(rank=settings.lora_rank, steps=settings.lora_steps, lr=settings.lora_lr,
-                         target_set=settings.lora_target_set, seed=derived_seed(settings.seed, i, SEED_TRAIN) % 2**31)  # fmt: skip
+                         target_set=settings.lora_target_set, seed=train_seed(settings.seed, i))  # fmt: skip
     result = train_clip_lora(host, latents, first_raw, clip_embed, config, i, kv, should_stop=should_stop,
                              callback=_tagged(step_callback, i, "lora"), checkpoint_dir=checkpoint_dir,
                              resume_from=resume_from)  # fmt: skip
@@ -662,7 +478,7 @@ def edit_frames(
     edits: list[torch.Tensor],
     settings: EditSettings = EditSettings(),
     size: tuple[int, int] | None = None,
-    resize_mode: C.ResizeMode = "pad",
+    resize_mode: ResizeMode = "pad",
     **kw: Any,
 ) -> EditResult:
     """``edit_video`` for frames of any size: resize/pad to ``size`` (default: fit within 1024) and back.
@@ -670,8 +486,8 @@ def edit_frames(
     An edited frame of another size than the video is resized to it, with a logged warning.
     """
     _, h, w, _ = frames.shape
-    size = size or C.fit_size(h, w)
-    plan = C.make_resize_plan(h, w, *size, mode=resize_mode)
+    size = size or fit_size(h, w)
+    plan = make_resize_plan(h, w, *size, mode=resize_mode)
     fitted = []
     for e, img in enumerate(edits):
         if img.ndim == 3:
@@ -679,7 +495,7 @@ def edit_frames(
         if tuple(img.shape[1:3]) != (h, w):
             log.warning("edited frame %d is %dx%d, the video %dx%d: resizing it to the video's size",
                         e, img.shape[1], img.shape[2], h, w)  # fmt: skip
-            img = C.resize_frames(img[..., :3], h, w)
+            img = resize_frames(img[..., :3], h, w)
         fitted.append(plan.apply(img[..., :3]))
     result = edit_video(host, plan.apply(frames), fps, fitted, settings, **kw)
     result.videos = [plan.invert(v) for v in result.videos]

@@ -1,14 +1,15 @@
 """One clip's stages as single calls, shared by the pipeline and the ComfyUI nodes.
 
-Seeds of every random draw are derived from (seed, clip, purpose), so a stage run on its own (a
-node) and the same stage inside ``pipeline.edit_video`` give the same result for the same seed.
+Seeds of every random draw come from ``seeds``, so a stage run on its own (a node) and the same
+stage inside ``pipeline.edit_video`` give the same result for the same seed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +21,13 @@ from ..host import SVDHost
 from ..io.files import save_safetensors_atomic
 from ..lora.file import LoRAWeights
 from ..lora.train import TrainConfig, TrainResult, train_motion_lora
-from ..method.inversion import Inversion
-from ..method.matching import matched_denoise
+from ..method.controller import MatchConfig
+from ..method.inversion import Inversion, MemoryMode, StepCallback
+from ..method.matching import MatchedClip, MatchedResult, matched_denoise
+from ..method.skip_interval import EditKV, SourceKV
 from ..svd import LATENT_SCALE, SVDCond, TimeIds
 
 INVERSION_FORMAT = "i2vedit.inversion/1"
-
-# purposes of the derived seeds (the third part of ``derived_seed``)
-SEED_SARP, SEED_ENCODE, SEED_CONDITION, SEED_TRAIN_RES, SEED_TRAIN_ENCODE, SEED_TRAIN = range(6)
-
-
-def derived_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed for one purpose of one clip, independent of every other purpose's draws."""
-    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2**63 - 1)
-
-
-def generator(seed: int, *parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derived_seed(seed, *parts))
 
 
 def _noised(image: torch.Tensor, g: torch.Generator, scale: float = 0.01) -> torch.Tensor:
@@ -91,7 +81,7 @@ def train_clip_lora(
     clip_embed: torch.Tensor,
     config: TrainConfig,
     clip_index: int = 0,
-    kv_source: Any = None,
+    skip_kv: SourceKV | None = None,
     checkpoint_dir: str | Path | None = None,
     should_stop: Callable[[], bool] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
@@ -110,10 +100,57 @@ def train_clip_lora(
     meta = LoRAWeights({}, clip_index=clip_index, resolution=(h, w), model_fingerprint=host.fingerprint())
     with torch.inference_mode(False):
         return train_motion_lora(
-            trainer, latents, first_raw, clip_embed, config, kv_source=kv_source, checkpoint_dir=checkpoint_dir,
+            trainer, latents, first_raw, clip_embed, config, skip_kv=skip_kv, checkpoint_dir=checkpoint_dir,
             metadata=meta, callback=callback, should_stop=should_stop, device=getattr(host, "device", "cpu"),
             resume_from=resume_from,
         )  # fmt: skip
+
+
+@dataclass
+class ClipEdit:
+    """One clip's matched edit: the denoising (chaining, skip-interval K/V), decoded frames and masks."""
+
+    clip: MatchedClip
+    result: MatchedResult
+    frames: torch.Tensor  # (frames, H, W, 3) IMAGE
+    masks: torch.Tensor  # (frames, H, W) difference masks; zeros without matching
+
+
+def edit_clip(
+    base: SVDHost,
+    host: SVDHost,
+    inversion: Inversion,
+    edited: torch.Tensor | None,
+    prev: tuple[torch.Tensor, torch.Tensor] | None,
+    ids: TimeIds,
+    g: torch.Generator,
+    match: MatchConfig | None,
+    cfg: tuple[float, float],
+    mode: MemoryMode,
+    skip_kv: EditKV | None = None,
+    capture_kv: bool = False,
+    decode_chunk: int = 8,
+    callback: StepCallback | None = None,
+    stage: Callable[[str], AbstractContextManager[object]] = lambda _: nullcontext(),
+) -> ClipEdit:
+    """Condition on the edited frame (or ``prev``, see ``edit_conditioning``), denoise with matching, decode.
+
+    ``base`` is the model that inverted the clip (it also encodes and decodes), ``host`` the one that
+    denoises (with the clip's motion LoRA). ``stage(name)`` wraps each of the three parts (timing).
+    """
+    with stage("condition"):
+        cond = edit_conditioning(base, edited, ids, g, prev)
+    clip = MatchedClip(host, inversion, cond, match, cfg, mode, base, skip_kv)
+    with stage("denoise"):
+        result = clip.run(capture_kv=capture_kv, callback=callback)
+    height, width = (8 * n for n in inversion.latent_hw)
+    if result.masks is not None:
+        masks = result.frame_masks(height, width)
+    else:
+        masks = torch.zeros(inversion.frames, height, width)
+    with stage("decode"):
+        frames = base.vae_decode(result.latents / LATENT_SCALE, decode_chunk)
+    return ClipEdit(clip, result, frames, masks)
 
 
 def reconstruct(host: SVDHost, inversion: Inversion, callback: Callable | None = None) -> torch.Tensor:
@@ -147,11 +184,11 @@ def save_inversion(path: str | Path, inversion: Inversion, extra: dict[str, str]
     meta = {
         "format": INVERSION_FORMAT,
         "fingerprint": inversion.fingerprint,
-        "skip_interval": "1" if inversion.kv_source is not None else "0",
+        "skip_interval": "1" if inversion.skip_kv is not None else "0",
         **(extra or {}),
     }
     tensors = {
-        "latents": inversion.latents,
+        "latents": inversion.trajectory,
         "sigmas": inversion.sigmas,
         **cond_tensors("cond", inversion.cond),
     }
@@ -162,7 +199,7 @@ def load_inversion(path: str | Path) -> tuple[Inversion, dict[str, str]]:
     """Read an inversion written by ``save_inversion`` (safetensors only), with its metadata.
 
     An inversion of a clip after the first was made with the first clip's K/V: set its
-    ``kv_source`` again before denoising (metadata ``skip_interval`` says so).
+    ``skip_kv`` again before denoising (metadata ``skip_interval`` says so).
     """
     p = Path(path)
     try:

@@ -17,10 +17,11 @@ import torch
 
 from ..host import combine_cfg
 from ..hosts.diffusers import tiny
-from ..method import attention as A
+from ..method.attention import frame_thresholds, spatial_match, spatial_match_reference
 from ..method.controller import MatchConfig
 from ..method.inversion import invert, replay_source
-from ..method.matching import EditKV, MatchedClip, SourceKV, matched_denoise
+from ..method.matching import MatchedClip, matched_denoise
+from ..method.skip_interval import EditKV, SourceKV
 from ..svd import POSITIONS, SVDCond, TimeIds
 from .memtrack import track_allocations
 
@@ -143,8 +144,8 @@ def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps
         times[f"cache_{k}"] = _median_time(lambda k=k: clip1c.denoised(k, x), reps)
     rec = statistics.mean(times[f"recompute_{k}"] for k in (0, steps // 2, steps - 1))
     cac = statistics.mean(times[f"cache_{k}"] for k in (0, steps // 2, steps - 1))
-    inv2 = invert(host, z[: frames // 2], src, steps=steps, kv_source=SourceKV(host, inv))
-    clip2 = MatchedClip(host, inv2, edit, kv_source=EditKV(clip1, res1))
+    inv2 = invert(host, z[: frames // 2], src, steps=steps, skip_kv=SourceKV(host, inv))
+    clip2 = MatchedClip(host, inv2, edit, skip_kv=EditKV(clip1, res1))
     x2 = inv2.x_T.clone()
     skip = statistics.mean(_median_time(lambda k=k: clip2.denoised(k, x2), reps) for k in (0, steps - 1))
 
@@ -152,11 +153,11 @@ def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps
     big = max(full, key=lambda lay: lay.tokens * lay.channels)
     shape = (fF, big.tokens, big.channels)
     q_e, k_e, v_e, q_s, k_s = (torch.empty(shape, device="meta", dtype=torch.float16) for _ in range(5))
-    tau = A.frame_thresholds(fF, (0.35, 0.35)).to("meta")
+    tau = frame_thresholds(fF, (0.35, 0.35)).to("meta")
     with track_allocations() as chunked:
-        A.spatial_match(q_e, k_e, v_e, q_s, k_s, big.heads, tau, MatchConfig().query_chunk)
+        spatial_match(q_e, k_e, v_e, q_s, k_s, big.heads, tau, MatchConfig().query_chunk)
     with track_allocations() as reference:
-        A.spatial_match_reference(q_e, k_e, v_e, q_s, k_s, big.heads, tau)
+        spatial_match_reference(q_e, k_e, v_e, q_s, k_s, big.heads, tau)
 
     # --- reconstruction from the inversion with the source frame, 25 steps --------------------------
     inv25 = invert(host, z, src, steps=FULL_STEPS)

@@ -1,0 +1,237 @@
+"""The reuse folder: per-clip inversions, LoRAs and edits of one video and model, kept between runs.
+
+Inversions and LoRAs are shared by every edit of the video (their settings are in the manifest);
+each stored edit is keyed by a digest of everything that shapes it (``edit_key`` / ``chain_key``),
+so edits of one source coexist. Every file records its clip and frame range, checked on load; a
+file that cannot be read is recomputed (with a warning), one of another clip is refused. One run
+at a time: a lock file keeps a second run out. ``ReuseStore.get`` is the one load-or-compute path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import I2VEditError
+from ..io.files import writable_folder, write_text_atomic
+
+log = logging.getLogger("i2vedit")
+
+T = TypeVar("T")
+Span = tuple[int, int]
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        import psutil  # in every ComfyUI install; optional on the command line
+
+        return bool(psutil.pid_exists(pid))
+    except ImportError:
+        pass
+    if os.name == "nt":
+        return True  # cannot tell without psutil: treat the lock as held
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ReuseFolder:
+    """A locked reuse folder with its manifest (see the module docstring)."""
+
+    def __init__(self, path: str | Path, identity: dict[str, Any]) -> None:
+        self.path = writable_folder(path, "reuse folder")
+        self.identity = identity
+        self.warnings: list[str] = []
+        self._lock: Path | None = self._acquire()
+        try:
+            self._check_manifest()
+        except BaseException:
+            self.release()
+            raise
+
+    def _acquire(self) -> Path:
+        lock = self.path / LOCK
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._lock_holder(lock)
+                if holder is not None and holder.get("host") == socket.gethostname():
+                    pid = int(holder.get("pid", -1))
+                    if pid > 0 and not _pid_alive(pid):
+                        self.warn(
+                            f"{lock} was left by process {pid}, which has ended; taking the folder over."
+                        )
+                        lock.unlink(missing_ok=True)
+                        continue
+                who = (
+                    f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+                    if holder is not None
+                    else "a run whose lock file cannot be read"
+                )
+                raise I2VEditError(
+                    f"the reuse folder {self.path} is in use by another run ({who}); wait for it to finish or "
+                    f"give another reuse folder. If no other run is using it, delete {lock}."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)  # fmt: skip
+            return lock
+        raise I2VEditError(f"could not lock the reuse folder {self.path}; another run took it. Try again.")
+
+    @staticmethod
+    def _lock_holder(lock: Path) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def release(self) -> None:
+        """Give the folder back to other runs (idempotent)."""
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None
+
+    def __enter__(self) -> ReuseFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _check_manifest(self) -> None:
+        manifest = self.path / MANIFEST
+        if not manifest.exists():
+            write_text_atomic(manifest, json.dumps(self.identity, indent=1))
+            return
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise I2VEditError(f"{manifest} is unreadable ({e}); delete the folder or choose another.") from e
+        for key in ("format", "video", "model", "settings"):
+            if old.get(key) != self.identity.get(key):
+                raise I2VEditError(
+                    f"the reuse folder {self.path} belongs to another {key} ({old.get(key)!r}, this run has "
+                    f"{self.identity.get(key)!r}); its inversions and LoRAs cannot be reused. Choose another folder."
+                )
+
+    def warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.warnings.append(message)
+
+    def clip_dir(self, i: int) -> Path:
+        d = self.path / f"clip_{i:03d}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def file(self, i: int, name: str) -> Path:
+        return self.path / f"clip_{i:03d}" / name
+
+    def has(self, i: int, name: str) -> bool:
+        return self.file(i, name).is_file()
+
+    @staticmethod
+    def clip_meta(i: int, span: tuple[int, int]) -> dict[str, str]:
+        return {"pipeline.clip": str(i), "pipeline.frames": f"{span[0]},{span[1]}"}
+
+    def check_clip(self, path: Path, meta: dict[str, str], i: int, span: tuple[int, int]) -> None:
+        """Refuse a stored file made for another clip or frame range (a folder changed by hand)."""
+        want = self.clip_meta(i, span)
+        got = {k: meta.get(k) for k in want}
+        if got != want:
+            raise I2VEditError(
+                f"{path} was made for clip {got['pipeline.clip']} (frames {got['pipeline.frames']}), but it "
+                f"lies in the folder of clip {i} (frames {span[0]},{span[1]}): the reuse folder was changed "
+                "by hand. Delete that file (it is recomputed) or the whole folder."
+            )
+
+    def load(
+        self, i: int, name: str, span: Span, read: Callable[[Path], tuple[T, Mapping[str, str]]]
+    ) -> T | None:
+        """Clip ``i``'s stored ``name`` read by ``read``; None when absent or unreadable (a warning: it is
+        recomputed). A file made for another clip or frame range is refused."""
+        if not self.has(i, name):
+            return None
+        path = self.file(i, name)
+        try:
+            value, meta = read(path)
+        except I2VEditError as e:
+            self.warn(f"{path} cannot be used ({e}); recomputing it.")
+            return None
+        self.check_clip(path, meta, i, span)
+        return value
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A stored safetensors file's tensors and metadata; ``I2VEditError`` when it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
+    except (OSError, SafetensorError) as e:
+        raise I2VEditError(f"it is damaged ({e})") from e
+    return tensors, meta
+
+
+class ReuseStore:
+    """Load-or-compute of each per-clip artefact, through a reuse folder when there is one."""
+
+    def __init__(self, folder: ReuseFolder | None) -> None:
+        self.folder = folder
+
+    def get(
+        self,
+        i: int,
+        span: Span,
+        name: str,
+        read: Callable[[Path], tuple[T, Mapping[str, str]]],
+        make: Callable[[], T],
+        write: Callable[[Path, T, dict[str, str]], object],
+    ) -> tuple[T, bool]:
+        """The stored artefact if it can be used, else ``make()`` (stored by ``write``); and whether it was stored."""
+        folder = self.folder
+        value = folder.load(i, name, span, read) if folder is not None else None
+        if value is not None:
+            return value, True
+        value = make()
+        if folder is not None:
+            write(folder.clip_dir(i) / name, value, folder.clip_meta(i, span))
+        return value, False
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.folder.warnings if self.folder is not None else []
+
+
+def edit_key(edited: torch.Tensor, identity: Mapping[str, Any]) -> str:
+    """A digest of everything that shapes an edit's first clip beyond the folder's own identity: the edited
+    frame and the edit's settings (``EditSettings.edit_identity``)."""
+    h = hashlib.sha256(repr(tuple(edited.shape)).encode())
+    h.update(edited.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(json.dumps(identity, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def chain_key(key: str, prev: tuple[torch.Tensor, torch.Tensor] | None) -> str:
+    """The key of one clip of an edit: the edit's key and, after clip 0, what the clip continues from."""
+    if prev is None:
+        return key
+    h = hashlib.sha256(key.encode())
+    for t in prev:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
