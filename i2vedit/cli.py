@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import math
 import os
@@ -107,7 +108,7 @@ def _export_loras(reuse: Path, out: Path) -> list[str]:
         lora = clip_dir / "lora.safetensors"
         if lora.is_file():
             target = out / f"motion_lora_{clip_dir.name}.safetensors"
-            atomic_write(target, lambda tmp, src=lora: shutil.copyfile(src, tmp), "LoRA")
+            atomic_write(target, functools.partial(shutil.copyfile, lora), "LoRA")
             names.append(target.name)
     return names
 

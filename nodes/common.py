@@ -22,7 +22,7 @@ from ..i2vedit.io.frames import ResizePlan
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.inversion import Inversion
 from ..i2vedit.method.matching import MatchedClip, MatchedResult
-from ..i2vedit.method.skip_interval import EditKV, SourceKV
+from ..i2vedit.method.skip_interval import SkipInterval
 
 CATEGORY = "I2VEdit"
 
@@ -65,7 +65,7 @@ def folder(name: str) -> str:
     return path
 
 
-# Saves write ``.<name>.XXXXXXXX.tmp`` next to the file first (``lora_file.save_lora``, ``files``): keep room.
+# Saves write ``.<name>.XXXXXXXX.tmp`` next to the file first (``lora.file.save_lora``, ``io.files``): keep room.
 TEMP_NAME_ROOM = 16
 
 
@@ -128,17 +128,6 @@ class InversionState:
     inversion: Inversion
     host: ComfySVDHost
     clip_index: int = 0
-
-
-@dataclass
-class KVState:
-    """An ``I2V_KV``: the first clip's skip-interval K/V for later clips.
-
-    ``source`` serves inversion and LoRA training, ``edit`` (once the first clip is edited) denoising.
-    """
-
-    source: SourceKV
-    edit: EditKV | None = None
 
 
 @dataclass
@@ -206,11 +195,11 @@ def check_inversion(inversion: Any) -> InversionState:
     return inversion
 
 
-def check_kv(kv: Any, need_edit: bool = False) -> KVState | None:
+def check_kv(kv: Any, need_edit: bool = False) -> SkipInterval | None:
     """A connected ``I2V_KV`` (None when the optional socket is empty); ``need_edit`` for denoising."""
     if kv is None:
         return None
-    if not isinstance(kv, KVState) or (need_edit and kv.edit is None):
+    if not isinstance(kv, SkipInterval) or kv.source is None or (need_edit and kv.edit[0] is None):
         raise I2VEditError(
             "skip_interval_kv must come from 'Skip-Interval KV Cache'"
             + (" with first_clip_edit connected." if need_edit else ".")

@@ -14,7 +14,7 @@ from ..i2vedit.io.frames import fit_size
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.controller import PRESETS, MatchConfig
 from ..i2vedit.method.inversion import MEMORY_MODES
-from ..i2vedit.method.skip_interval import EditKV, SourceKV
+from ..i2vedit.method.skip_interval import SkipInterval
 from ..i2vedit.run.pipeline import EditSettings, edit_frames, training_hw, video_clip_ranges
 from ..i2vedit.run.stages import denoise_time_ids, edit_clip
 from ..i2vedit.seeds import Purpose, generator
@@ -27,7 +27,6 @@ from .common import (
     EditState,
     Inversions,
     KVCache,
-    KVState,
     MotionLoRA,
     StepProgress,
     check_frames,
@@ -132,8 +131,8 @@ class SkipIntervalKVCache(io.ComfyNode):
         first_clip_inversion = check_inversion(first_clip_inversion)
         if first_clip_inversion.inversion.skip_kv is not None:
             raise I2VEditError("this inversion is of a later clip; connect the first clip's inversion.")
-        source = SourceKV(first_clip_inversion.host, first_clip_inversion.inversion)
-        edit = None
+        kv = SkipInterval(on=True, edits=1)
+        kv.first_inversion(first_clip_inversion.host, first_clip_inversion.inversion)
         if first_clip_edit is not None:
             if not isinstance(first_clip_edit, EditState):
                 raise I2VEditError("first_clip_edit must come from 'Attention Match Sampler'.")
@@ -141,8 +140,8 @@ class SkipIntervalKVCache(io.ComfyNode):
                 raise I2VEditError(
                     "first_clip_edit was denoised from another inversion than first_clip_inversion."
                 )
-            edit = EditKV(first_clip_edit.clip, first_clip_edit.result)
-        return io.NodeOutput(KVState(source, edit))
+            kv.first_edit(0, first_clip_edit.clip, first_clip_edit.result)
+        return io.NodeOutput(kv)
 
 
 class AttentionMatchSampler(io.ComfyNode):
@@ -256,7 +255,7 @@ class AttentionMatchSampler(io.ComfyNode):
             check_lora_not_applied(host.patcher, base.patcher, weights)
             host = host.with_lora(weights)
         kv_state = check_kv(skip_interval_kv, need_edit=True)
-        kv = kv_state.edit if kv_state is not None else None
+        kv = kv_state.edit[0] if kv_state is not None else None
         config = None if preset == "off" else MatchConfig.preset(preset)
         mode = "cache" if inv.captures is not None else "recompute"
         progress = StepProgress(inv.steps, model)

@@ -52,7 +52,7 @@ def tiny_diffusers_host():
 def sharpen_self_attention(host, factor: float = 3.0):
     """Peaked attention for random-weight tests (architecture.md, "Testing"), on either host.
 
-    The diffusers host has its own (``hosts.diffusers_host.sharpen_self_attention``); the same
+    The diffusers host has its own (``hosts.diffusers.tiny.sharpen_self_attention``); the same
     scaling is applied to the ComfyUI host's modules by their names.
     """
     import torch

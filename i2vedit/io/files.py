@@ -95,7 +95,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def atomic_write(
     path: str | os.PathLike,
-    write: Callable[[Path], None],
+    write: Callable[[Path], object],
     what: str = "file",
     *,
     error: type[I2VEditError] = I2VEditError,

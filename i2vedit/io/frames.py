@@ -211,7 +211,7 @@ def stack_frames(frames: Sequence[Tensor]) -> Tensor:
     """Stack single images, each (H, W, C) or (1, H, W, C), into one IMAGE batch (F, H, W, C)."""
     if len(frames) == 0:
         raise I2VEditError("no frames to stack; give at least one image.")
-    images = []
+    images: list[Tensor] = []
     for i, frame in enumerate(frames):
         if frame.ndim == 4 and frame.shape[0] == 1:
             frame = frame[0]

@@ -112,6 +112,7 @@ def iter_video_frames(
                 rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                 if size is not None and rgb.shape[:2] != tuple(size):
                     rgb = cv2.resize(rgb, (int(size[1]), int(size[0])), interpolation=cv2.INTER_AREA)
+            assert rgb is not None  # the first index always reads a frame
             yield rgb
     finally:
         cap.release()
@@ -218,7 +219,7 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> None:
     count = int(frames.shape[0])
 
     def write(tmp: Path) -> None:
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), float(fps), (width, height))
         if not writer.isOpened():
             raise I2VEditError(
                 f"OpenCV could not open an mp4v writer for {p} ({width}×{height} at {fps:g} fps); "

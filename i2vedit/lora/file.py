@@ -1,7 +1,7 @@
 """Motion LoRA files: safetensors with ComfyUI LoRA keys, written atomically, read without pickle.
 
 A file holds, for every trained linear (a ComfyUI/SGM module name relative to the UNet, see
-``lora_targets``):
+``lora.targets``):
 
 - ``diffusion_model.<module>.lora_up.weight``: (out_features, rank)
 - ``diffusion_model.<module>.lora_down.weight``: (rank, in_features)
@@ -78,7 +78,7 @@ class LoRAWeights:
 
     ``modules`` maps ComfyUI/SGM module names relative to the UNet (e.g.
     ``input_blocks.1.1.time_stack.0.attn1.to_q``) to their ``LoRAPair``. ``target_set`` is the
-    ``lora_targets`` set the LoRA was trained on (inferred from the names when None). The other
+    ``lora.targets`` set the LoRA was trained on (inferred from the names when None). The other
     fields are optional records; ``extra_metadata`` carries any further string metadata.
     """
 
@@ -326,7 +326,7 @@ def check_lora_fits(
     """Raise a ``LoRAError`` naming the layers of ``weights`` that do not fit the model.
 
     ``module_shapes`` is ``{module: (out_features, in_features)}`` of the model's linears (at least
-    its LoRA targets, e.g. from ``lora_targets.target_shapes``), in ``naming``. Checks: every LoRA
+    its LoRA targets, e.g. from ``lora.targets.target_shapes``), in ``naming``. Checks: every LoRA
     layer exists in the model with the LoRA's shape, the rank fits each layer, and, when
     ``target_set`` is given, that the LoRA was trained on that set and covers all of its layers.
     """

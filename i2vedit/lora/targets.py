@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Literal, cast, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -77,7 +77,7 @@ def check_target_set(target_set: str) -> TargetSet:
             f"unknown LoRA target set {target_set!r}; use one of {', '.join(map(repr, TARGET_SETS))} "
             "('temporal' is the authors' default: temporal attention and feed-forward layers)."
         )
-    return cast(TargetSet, target_set)
+    return target_set
 
 
 def check_naming(naming: str) -> Naming:
@@ -88,7 +88,7 @@ def check_naming(naming: str) -> Naming:
             "'input_blocks.1.1.time_stack.0.attn1.to_q') or 'diffusers' (names such as "
             "'down_blocks.0.attentions.0.temporal_transformer_blocks.0.attn1.to_q')."
         )
-    return cast(Naming, naming)
+    return naming
 
 
 def is_target(name: str, target_set: str = DEFAULT_TARGET_SET, naming: str = "comfy") -> bool:

@@ -2,7 +2,7 @@
 
 A host adapter (``LoRATrainable``) owns a private LoRA'd copy of the UNet and answers: the
 trainable tensors by name, D(x; σ, cond) *with* gradients, and export/import of the LoRA as
-``lora_file.LoRAPair`` by ComfyUI module name. This module owns everything else: the cosine-
+``lora.file.LoRAPair`` by ComfyUI module name. This module owns everything else: the cosine-
 interpolated log-SNR σ sampler, the EDM x0 objective with weight (1 + σ²)/σ², conditioning on the
 clip's source first frame with fresh 0.02 latent noise, AdamW, per-step seeding (so a resumed run
 equals an uninterrupted one), checkpoints, the non-finite guard and interruption between steps.

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
 
 from ..errors import I2VEditError
 
@@ -27,16 +28,14 @@ DEFAULT_QUERY_CHUNK = 1024
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(rows, tokens, heads·d) → (rows, heads, tokens, d)."""
-    rows, tokens, inner = x.shape
-    if inner % heads:
-        raise I2VEditError(f"attention width {inner} is not divisible by {heads} heads.")
-    return x.view(rows, tokens, heads, inner // heads).transpose(1, 2)
+    if x.shape[-1] % heads:
+        raise I2VEditError(f"attention width {x.shape[-1]} is not divisible by {heads} heads.")
+    return rearrange(x, "rows tokens (heads d) -> rows heads tokens d", heads=heads)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(rows, heads, tokens, d) → (rows, tokens, heads·d)."""
-    rows, heads, tokens, d = x.shape
-    return x.transpose(1, 2).reshape(rows, tokens, heads * d)
+    return rearrange(x, "rows heads tokens d -> rows tokens (heads d)")
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

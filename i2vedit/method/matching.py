@@ -155,7 +155,7 @@ class MatchedClip:
         ctrl.begin_step(step, self.steps, reference=self.reference(step), skip_kv=kv)
         opts = step_options(ctrl, step, self.steps, PHASE_DENOISE)
         sigma = self.sigmas[step]
-        if self.cfg is None:
+        if self.cfg is None or self.uncond is None:
             out = self.host.denoise(x, sigma, [self.cond], opts)[0]
         else:
             both = self.host.denoise(x, sigma, [self.uncond, self.cond], opts)

@@ -55,7 +55,7 @@ def _check_sigmas(sigmas: torch.Tensor, ascending: bool) -> None:
     if ascending and not bool((diffs > 0).all()):
         raise I2VEditError(
             "inversion needs ascending sigmas (from about 5e-4 up to 700); flip a denoising schedule "
-            "and replace its final 0, as i2vedit.schedules.inversion_sigmas does."
+            "and replace its final 0, as i2vedit.method.schedules.inversion_sigmas does."
         )
     if not ascending and not bool((diffs < 0).all()):
         raise I2VEditError("denoising needs strictly descending sigmas ending near or at 0.")

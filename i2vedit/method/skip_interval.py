@@ -69,7 +69,7 @@ class SourceKV(KVProvider):
     def at(self, phase: str, step: int) -> StepCapture:
         if phase not in (PHASE_INVERT, PHASE_TRAIN):
             raise I2VEditError(f"the source K/V serve inversion and training, not {phase!r}.")
-        if self.cached:
+        if self.inversion.captures is not None and self.cached:
             return self.inversion.captures[step]
         return replay_source(self.host, self.inversion, step, {"kv"}, self.store_dtype)
 

@@ -149,7 +149,7 @@ class ReuseFolder:
     def clip_meta(i: int, span: tuple[int, int]) -> dict[str, str]:
         return {"pipeline.clip": str(i), "pipeline.frames": f"{span[0]},{span[1]}"}
 
-    def check_clip(self, path: Path, meta: dict[str, str], i: int, span: tuple[int, int]) -> None:
+    def check_clip(self, path: Path, meta: Mapping[str, str], i: int, span: Span) -> None:
         """Refuse a stored file made for another clip or frame range (a folder changed by hand)."""
         want = self.clip_meta(i, span)
         got = {k: meta.get(k) for k in want}

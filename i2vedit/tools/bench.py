@@ -133,6 +133,7 @@ def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps
     x = inv.x_T.clone()
     uncond = edit.unconditional()
     cfg = clip1.cfg
+    assert cfg is not None
 
     def plain_step():
         out = host.denoise(x, 10.1, [uncond, edit])

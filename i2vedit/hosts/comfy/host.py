@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import comfy.clip_vision
 import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
+import comfy.sd
 import torch
 
 from ...errors import I2VEditError
@@ -27,11 +29,16 @@ from .patches import DirectSampler, check_svd_model, to_conditioning, with_atten
 
 
 class ComfySVDHost:
-    """SVD through ComfyUI's ModelPatcher; see ``i2vedit.hosts.base`` for the protocol's conventions."""
+    """SVD through ComfyUI's ModelPatcher; see ``i2vedit.host`` for the protocol's conventions."""
 
     name = "comfyui"
 
-    def __init__(self, model: Any, clip_vision: Any = None, vae: Any = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        clip_vision: comfy.clip_vision.ClipVisionModel | None = None,
+        vae: comfy.sd.VAE | None = None,
+    ) -> None:
         self.patcher = check_svd_model(model)
         self.clip_vision, self.vae = clip_vision, vae
         self._controlled: comfy.model_patcher.ModelPatcher | None = None
@@ -44,7 +51,7 @@ class ComfySVDHost:
         return self._controlled
 
     def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
-        """A trainable LoRA'd clone of this MODEL (``lora_train.LoRATrainable``)."""
+        """A trainable LoRA'd clone of this MODEL (``host.LoRATrainable``)."""
         return ComfyLoRATrainer(self, rank, target_set, dropout, **kw)
 
     def with_lora(self, weights, strength: float = 1.0) -> ComfySVDHost:

@@ -1,6 +1,6 @@
 """Motion LoRA for the ComfyUI host: ComfyUI weight-adapter LoRAs on a clone of the user's MODEL.
 
-Training (``ComfyLoRATrainer``, a ``lora_train.LoRATrainable``):
+Training (``ComfyLoRATrainer``, a ``host.LoRATrainable``):
 
 - **Where the LoRA lives.** Each target linear gets a ``comfy.weight_adapter`` train adapter
   (``LoraDiff``: ``lora_up`` (out, r), ``lora_down`` (r, in), alpha = r, so scale 1 as the authors
@@ -65,6 +65,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import comfy.sd
 import comfy.weight_adapter
+import comfy.weight_adapter.lora
 import torch
 import torch.utils.checkpoint
 
@@ -83,7 +84,7 @@ PREFIX = "diffusion_model."
 _COND = "positive"
 
 
-def _make_train_adapter(pair: LoRAPair, device: torch.device) -> torch.nn.Module:
+def _make_train_adapter(pair: LoRAPair, device: torch.device) -> comfy.weight_adapter.lora.LoraDiff:
     """A ComfyUI ``LoraDiff`` train adapter holding ``pair`` (fp32, on ``device``)."""
     cls = comfy.weight_adapter.adapter_maps["LoRA"]
     weights = (pair.up.float(), pair.down.float(), float(pair.alpha), None, None, None)
@@ -97,7 +98,11 @@ def replace_inference_tensors(model: torch.nn.Module) -> int:
     """
     done: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        for table in (module._parameters, module._buffers):
+        tables: tuple[dict[str, Any], ...] = (
+            module._parameters,
+            module._buffers,
+        )  # Parameter or Tensor values
+        for table in tables:
             for name, t in list(table.items()):
                 if t is None or not t.is_inference():
                     continue
@@ -169,7 +174,7 @@ class _GradFlags:
 
 
 class ComfyLoRATrainer:
-    """A LoRA'd clone of a ComfyUI SVD host's MODEL (``lora_train.LoRATrainable``); see the module doc."""
+    """A LoRA'd clone of a ComfyUI SVD host's MODEL (``host.LoRATrainable``); see the module doc."""
 
     def __init__(
         self,
@@ -327,7 +332,7 @@ class ComfyLoRATrainer:
 
     # ---- internals -------------------------------------------------------------------------------
 
-    def _branch_dropout(self, forward: Callable, adapter: torch.nn.Module) -> Callable:
+    def _branch_dropout(self, forward: Callable, adapter: comfy.weight_adapter.lora.LoraDiff) -> Callable:
         trainer, scale = self, float(adapter.alpha) / adapter.rank
 
         def dropout_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -382,7 +387,9 @@ def _capture_unloaded() -> Iterator[_KeyLog]:
         root.removeHandler(handler)
 
 
-def comfy_lora_model(model: Any, weights: LoRAWeights, strength: float = 1.0) -> Any:
+def comfy_lora_model(
+    model: Any, weights: LoRAWeights, strength: float = 1.0
+) -> comfy.model_patcher.ModelPatcher:
     """A clone of ComfyUI MODEL ``model`` with the motion LoRA applied the way ``LoraLoaderModelOnly`` does.
 
     Goes through ``comfy.sd.load_lora_for_models(model, None, state_dict, strength, 0)``. Raises

@@ -19,7 +19,7 @@ from ...lora.file import LoRAWeights, check_lora_fits
 from ...lora.targets import target_shapes, to_comfy_name
 from ...method import edm
 from ...svd import COND, SVDCond
-from .lora import DiffusersLoRATrainer, lora_copy
+from .lora import DiffusersLoRATrainer, LoRACopy, lora_copy
 from .processors import install_attention_control
 
 # OpenAI CLIP's pixel normalisation, which SVD's image encoder was trained with
@@ -28,9 +28,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class DiffusersSVDHost:
-    """SVD through diffusers modules; see ``i2vedit.hosts.base`` for the protocol's conventions."""
+    """SVD through diffusers modules; see ``i2vedit.host`` for the protocol's conventions."""
 
     name = "diffusers"
+    lora_working_copy: LoRACopy | None = None  # made by ``lora.lora_copy`` on first use
 
     def __init__(
         self,
@@ -216,7 +217,7 @@ class DiffusersLoRAHost(DiffusersSVDHost):
         self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
 
     @property
-    def unet(self):  # type: ignore[override]  (read-only here: the copy's UNet)
+    def unet(self):  # read-only here: the copy's UNet
         return lora_copy(self.base, self.weights.rank, self.target_set).host.unet
 
     def denoise_with_grad(self, x, sigma, conds, transformer_options=None) -> torch.Tensor:

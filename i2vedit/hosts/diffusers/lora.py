@@ -7,7 +7,7 @@ before each of its model calls (only when another user of the copy ran since). S
 multi-clip edit holds the user's UNet plus one copy, never a copy per clip.
 
 The adapter starts as peft draws it (A ~ N(0, 1/r²), B = 0, scale 1 as the authors have it;
-``lora_init.init_lora_pairs`` replays peft's draws for a reused copy). The authors' dropout acts on
+``lora.peft_init.init_lora_pairs`` replays peft's draws for a reused copy). The authors' dropout acts on
 the LoRA branch *output*, where peft's acts on its input, so peft's is left at 0 and a forward hook
 on each ``lora_B`` applies dropout to its output instead (exactly ``W x + dropout(B A x)``).
 """
@@ -99,18 +99,18 @@ def lora_copy(host: DiffusersSVDHost, rank: int, target_set: str) -> LoRACopy:
     A copy of another rank or target set, or one made before ``host``'s weights were changed in
     place, is dropped before the new one is made, so at most one exists per host.
     """
-    current: LoRACopy | None = getattr(host, "_i2v_lora_copy", None)
+    current = host.lora_working_copy
     if current is not None and current.fits(host, rank, target_set):
         return current
-    host._i2v_lora_copy = None  # let the old copy go before the new one is built
+    host.lora_working_copy = None  # let the old copy go before the new one is built
     del current
     made = LoRACopy(host, rank, target_set)
-    host._i2v_lora_copy = made
+    host.lora_working_copy = made
     return made
 
 
 class DiffusersLoRATrainer:
-    """Trains a motion LoRA in ``host``'s working copy (``lora_train.LoRATrainable``).
+    """Trains a motion LoRA in ``host``'s working copy (``host.LoRATrainable``).
 
     Building a trainer resets the copy's adapter to the initial LoRA of ``init_seed``. A LoRA host
     of the same base that runs a model call meanwhile takes the copy over; the trainer's next step

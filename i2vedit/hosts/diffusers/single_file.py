@@ -2,7 +2,7 @@
 
 ``svd.safetensors`` / ``svd_xt.safetensors`` hold three models under three key prefixes:
 
-- ``model.diffusion_model.``: the UNet, renamed by ``keymap`` to diffusers'
+- ``model.diffusion_model.``: the UNet, renamed by the key map in ``svd`` to diffusers'
   ``UNetSpatioTemporalConditionModel``;
 - ``first_stage_model.``: the VAE, an LDM encoder and a temporal ``VideoDecoder``, renamed here to
   diffusers' ``AutoencoderKLTemporalDecoder`` (attention 1×1 convs become linears; the SGM VAE has no
@@ -185,7 +185,7 @@ def _rename(key: str, top: Mapping[str, str], rules: _Rules) -> str:
     for pattern, prefix, table in rules:
         m = pattern.match(key)
         if m is not None:
-            rest = m.group(m.lastindex)
+            rest = m.group(m.lastindex or 0)
             return f"{prefix(m)}.{_parts(rest, table) if table else rest}"
     raise KeyError(key)
 
