@@ -7,8 +7,9 @@ interpolated log-SNR σ sampler, the EDM x0 objective with weight (1 + σ²)/σ�
 clip's source first frame with fresh 0.02 latent noise, AdamW, per-step seeding (so a resumed run
 equals an uninterrupted one), checkpoints, the non-finite guard and interruption between steps.
 
-Every random draw of step ``s`` (σ, noise, conditioning noise, LoRA dropout) comes from seed
-``seeds.derived_seed(seed, 0, Purpose.TRAIN_STEP, s)``, so step ``s`` does the same thing whether or not the run was resumed.
+Every random draw of step ``s`` comes from seeds derived from (the clip's training seed, ``s``): σ and
+the noises from ``Purpose.TRAIN_STEP``, LoRA dropout from ``Purpose.TRAIN_DROPOUT`` (``seeds``), so
+step ``s`` does the same thing whether or not the run was resumed.
 """
 
 from __future__ import annotations
@@ -244,6 +245,33 @@ def _fork_rng(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
+def _gradients(
+    trainer: LoRATrainable,
+    optimizer: torch.optim.Optimizer,
+    latents: torch.Tensor,
+    first_latent: torch.Tensor,
+    clip_embed: torch.Tensor,
+    config: TrainConfig,
+    skip_kv: SourceKV | None,
+    step: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, StepDraws, str | None]:
+    """Training step ``step``'s loss and gradients from its seeded draws; why, when either is not finite."""
+    draws = draw_step(config.seed, step, tuple(latents.shape))
+    trainer.set_dropout(config.dropout > 0)
+    with _fork_rng(device):
+        torch.manual_seed(derived_seed(config.seed, 0, Purpose.TRAIN_DROPOUT, step))
+        loss = objective(trainer, latents, first_latent, clip_embed, draws, config, skip_kv)
+        if not torch.isfinite(loss):
+            return loss, draws, f"the loss became {float(loss.detach())}"
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for name, p in trainer.named_trainable():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return loss, draws, f"the gradient of {name} is not finite"
+    return loss, draws, None
+
+
 def train_motion_lora(
     trainer: LoRATrainable,
     latents: torch.Tensor,
@@ -314,19 +342,8 @@ def train_motion_lora(
                 last_ckpt = keep_progress()
                 weights = replace(meta, modules=trainer.export(), steps=step)
                 return TrainResult(weights, step, losses, interrupted=True, checkpoint=last_ckpt)
-            draws = draw_step(config.seed, step, tuple(latents.shape))
-            trainer.set_dropout(config.dropout > 0)
-            with _fork_rng(device):
-                torch.manual_seed(derived_seed(config.seed, 0, Purpose.TRAIN_STEP, step))
-                loss = objective(trainer, latents, first_latent, clip_embed, draws, config, skip_kv)
-                bad = None if torch.isfinite(loss) else f"the loss became {float(loss.detach())}"
-                if bad is None:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for name, p in trainer.named_trainable():
-                        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                            bad = f"the gradient of {name} is not finite"
-                            break
+            loss, draws, bad = _gradients(trainer, optimizer, latents, first_latent, clip_embed, config, skip_kv,
+                                          step, device)  # fmt: skip
             if bad is not None:
                 optimizer.zero_grad(set_to_none=True)
                 good = replace(meta, modules=trainer.export(), steps=step)

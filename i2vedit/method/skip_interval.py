@@ -10,7 +10,7 @@ self-attention layer, to the first clip's keys and values of the same step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,7 +36,7 @@ class KVProvider:
     def at(self, phase: str, step: int) -> StepCapture:
         raise NotImplementedError
 
-    def check_fits(self, latent_hw, fingerprint: str) -> None:
+    def check_fits(self, latent_hw: Sequence[int], fingerprint: str) -> None:
         """Raise before any sampling if this source cannot serve a clip of this size and model."""
         hw = (int(latent_hw[0]), int(latent_hw[1]))
         if hw != self.latent_hw:

@@ -284,13 +284,8 @@ class _Run:
                  settings: EditSettings, store: ReuseStore, train_hw: tuple[int, int], ranges: list[Span],
                  progress: Progress | None, should_stop: Callable[[], bool] | None,
                  step_callback: Progress | None) -> None:  # fmt: skip
-        self.host, self.fingerprint, self.frames, self.edits, self.settings = (
-            host,
-            fingerprint,
-            frames,
-            edits,
-            settings,
-        )
+        self.host, self.fingerprint, self.settings = host, fingerprint, settings
+        self.frames, self.edits = frames, edits
         self.store, self.train_hw, self.ranges = store, train_hw, ranges
         self.should_stop, self.step_callback = should_stop, step_callback
         self.size = (int(frames.shape[1]), int(frames.shape[2]))
