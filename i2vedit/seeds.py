@@ -22,7 +22,7 @@ class Purpose(IntEnum):
     TRAIN_ENCODE = 4  # a clip encoded at training resolution
     TRAIN = 5  # a clip's LoRA training seed (initial LoRA, then the steps')
     TRAIN_STEP = 6  # one training step's σ, noise and conditioning noise (index: the step)
-    TRAIN_DROPOUT = 7  # one training step's LoRA dropout, drawn from torch's global generator (index: the step)
+    TRAIN_DROPOUT = 7  # one training step's LoRA dropout (torch's global generator; index: the step)
 
 
 def derived_seed(seed: int, clip: int, purpose: Purpose, index: int | None = None) -> int:
