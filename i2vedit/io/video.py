@@ -219,7 +219,8 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> None:
     count = int(frames.shape[0])
 
     def write(tmp: Path) -> None:
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), float(fps), (width, height))
+        fourcc = cv2.VideoWriter_fourcc(*"mp4v")  # type: ignore[attr-defined]  # missing from cv2's stubs
+        writer = cv2.VideoWriter(str(tmp), fourcc, float(fps), (width, height))
         if not writer.isOpened():
             raise I2VEditError(
                 f"OpenCV could not open an mp4v writer for {p} ({width}×{height} at {fps:g} fps); "
