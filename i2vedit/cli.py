@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -562,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "bench":
+            if importlib.util.find_spec(".tools", __package__) is None:
+                raise I2VEditError(
+                    "the benchmarks are developer tools (i2vedit/tools), which registry installs leave out; "
+                    "run them from a git checkout of the pack."
+                )
             from .tools import bench
 
             result = bench.bench_attention(reps=args.reps) if args.what == "attention" else bench.bench_lora()

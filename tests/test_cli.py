@@ -442,3 +442,16 @@ def test_peak_memory_is_in_bytes():
     rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
     peak = cli.peak_memory_bytes()
     assert 0.5 * rss < peak < 2**40
+
+
+def test_bench_without_the_developer_tools_says_so(tmp_path):
+    """A registry install leaves ``i2vedit/tools`` out (``.comfyignore``): ``bench`` then says why it cannot run."""
+    shutil.copytree(
+        ROOT / "i2vedit", tmp_path / "i2vedit", ignore=shutil.ignore_patterns("tools", "__pycache__")
+    )
+    assert "i2vedit/tools/" in (ROOT / ".comfyignore").read_text().split()
+    out = subprocess.run(
+        [sys.executable, "-m", "i2vedit", "bench", "attention"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "developer tools (i2vedit/tools)" in out.stderr and "git checkout" in out.stderr
