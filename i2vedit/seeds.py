@@ -38,5 +38,5 @@ def generator(seed: int, clip: int, purpose: Purpose, index: int | None = None) 
 
 
 def train_seed(seed: int, clip: int) -> int:
-    """The LoRA training seed of a clip (31 bits: peft and ComfyUI widgets take it as a plain int)."""
+    """The LoRA training seed of a clip (31 bits: ComfyUI widgets and torch.manual_seed take it as a plain int)."""
     return derived_seed(seed, clip, Purpose.TRAIN) % 2**31

@@ -1,4 +1,4 @@
-"""Motion LoRA training: host-free parts, and the diffusers host (peft on a private copy)."""
+"""Motion LoRA training: host-free parts, and the diffusers host (a LoRA branch on its one UNet)."""
 
 from __future__ import annotations
 
@@ -222,8 +222,9 @@ def test_a_kv_source_of_another_model_is_refused_before_the_first_step(host):
     assert calls == []
 
 
-def test_trainers_and_lora_hosts_of_one_host_share_one_working_copy():
-    """At most one UNet copy beyond the user's: every trainer and LoRA host of a host uses the same one."""
+def test_trainers_and_lora_hosts_of_one_host_share_its_one_unet():
+    """No UNet copy at all: the base model, every trainer and every LoRA host run the user's UNet, the LoRA a
+    branch switched per call; with the branch off the base model is exactly what it was before any LoRA."""
     import gc
 
     from diffusers import UNetSpatioTemporalConditionModel
@@ -238,6 +239,8 @@ def test_trainers_and_lora_hosts_of_one_host_share_one_working_copy():
     z, first, emb = clip_latents()
     cond = trainer_cond(first, emb)
     x = torch.randn(F, 4, H, W, generator=torch.Generator().manual_seed(2))
+    plain = base.denoise(x, 1.5, [cond])
+    state = {k: v.clone() for k, v in base.unet.state_dict().items()}
     w1 = train_motion_lora(
         DiffusersLoRATrainer(base, rank=4, init_seed=1), z, first, emb, _cfg(steps=2)
     ).weights
@@ -246,26 +249,29 @@ def test_trainers_and_lora_hosts_of_one_host_share_one_working_copy():
     ).weights
     h1, h2 = base.with_lora(w1), base.with_lora(w2)
     outs = [h.denoise(x, 1.5, [cond]) for h in (h1, h2, h1, h2)]
-    assert unets() == before + 1
+    assert unets() == before
+    assert torch.equal(base.denoise(x, 1.5, [cond]), plain), "branch off: exactly the base model"
+    after = base.unet.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
     assert (outs[0] - outs[1]).abs().max() > 1e-5, "two LoRAs must give two models"
-    # each equals the same LoRA on a host of its own (a fresh copy)
+    # each equals the same LoRA on a host of its own
     alone = build_tiny_diffusers_host(seed=0)
     assert torch.equal(alone.with_lora(w1).denoise(x, 1.5, [cond]), outs[0])
-    # a trainer on a reused copy starts from the same LoRA as on a fresh one (peft's own draws)
+    # a trainer on a used branch starts from the same LoRA as on a fresh one
     reused = DiffusersLoRATrainer(base, rank=4, init_seed=5).export()
     fresh = DiffusersLoRATrainer(build_tiny_diffusers_host(seed=0), rank=4, init_seed=5).export()
     assert all(
         torch.equal(reused[n].down, fresh[n].down) and torch.equal(reused[n].up, fresh[n].up) for n in fresh
     )
-    # a LoRA host that runs while a trainer trains takes the copy over: the trainer refuses to go on
+    # a LoRA host that runs while a trainer trains takes the branch over: the trainer refuses to go on
     trainer = DiffusersLoRATrainer(base, rank=4)
     h1.denoise(x, 1.5, [cond])
     with pytest.raises(I2VEditError, match="ran while this LoRA was training"):
         train_motion_lora(trainer, z, first, emb, _cfg(steps=1))
 
 
-def test_a_working_copy_made_before_the_weights_changed_is_made_again():
+def test_a_lora_host_follows_in_place_changes_of_the_base_weights():
     base = build_tiny_diffusers_host(seed=0)
     z, first, emb = clip_latents()
     w = train_motion_lora(DiffusersLoRATrainer(base, rank=4), z, first, emb, _cfg(steps=1)).weights
@@ -276,3 +282,27 @@ def test_a_working_copy_made_before_the_weights_changed_is_made_again():
         base.unet.conv_in.weight.mul_(1.5)
     after = base.with_lora(w).denoise(x, 1.5, [cond])
     assert (after - before).abs().max() > 1e-4
+
+
+def test_the_initial_lora_is_the_one_peft_draws():
+    """``init_lora_pairs`` replays peft's own initialisation (the authors' trainer is peft's), layer for layer."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from i2vedit.lora.peft_init import init_lora_pairs
+    from i2vedit.lora.targets import target_shapes, to_comfy_name
+
+    unet = copy.deepcopy(build_tiny_diffusers_host(seed=0).unet)
+    shapes = target_shapes(unet, "temporal", "diffusers")
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=sorted(shapes), init_lora_weights="gaussian")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        inject_adapter_in_model(config, unet)
+    modules = dict(unet.named_modules())
+    ours = init_lora_pairs({to_comfy_name(n): s for n, s in shapes.items()}, 4, seed=7)
+    assert len(ours) == len(shapes) > 0
+    for name in shapes:
+        layer, pair = modules[name], ours[to_comfy_name(name)]
+        assert torch.equal(layer.lora_A["default"].weight, pair.down)
+        assert torch.equal(layer.lora_B["default"].weight, pair.up)

@@ -8,7 +8,7 @@ Training (``ComfyLoRATrainer``, a ``host.LoRATrainable``):
   ComfyUI applies it inside ``comfy.ops.cast_bias_weight`` on every forward (``W + U D`` on a copy
   of W), so gradients reach U and D while W, the user's patcher and its patches stay as they were.
 - **Initialisation.** D ~ N(0, 1/r²), U = 0, drawn from ``torch.manual_seed(init_seed)`` in exactly
-  the order and shapes peft uses for ``DiffusersLoRATrainer`` (peft walks the diffusers UNet's
+  the order and shapes peft uses (``lora.peft_init``, also ``DiffusersLoRATrainer``'s start; peft walks the diffusers UNet's
   modules: down blocks, up blocks, then the mid block; per layer it builds ``nn.Linear(in, r)`` and
   ``nn.Linear(r, out)``, each Kaiming-initialised, then redraws A from the normal). Both hosts
   therefore start from the identical LoRA for one seed.

@@ -1,1 +1,1 @@
-"""diffusers host: SVD through diffusers modules, peft LoRAs, Stability's single-file checkpoint."""
+"""diffusers host: SVD through diffusers modules, motion LoRAs as a branch on the one UNet, Stability's single-file checkpoint."""

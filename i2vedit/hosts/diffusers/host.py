@@ -11,15 +11,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from torch.utils.hooks import RemovableHandle
 from transformers import CLIPVisionModelWithProjection
 
 from ...errors import I2VEditError
 from ...host import FINGERPRINT_KEYS, CFGDenoiser, SamplerFn, sigma_scalar, weights_fingerprint
+from ...lora.branch import LoRABranch
 from ...lora.file import LoRAWeights, check_lora_fits
 from ...lora.targets import target_shapes, to_comfy_name
 from ...method import edm
 from ...svd import COND, SVDCond
-from .lora import DiffusersLoRATrainer, LoRACopy, lora_copy
+from .lora import DiffusersLoRATrainer, attach_branch
 from .processors import install_attention_control
 
 # OpenAI CLIP's pixel normalisation, which SVD's image encoder was trained with
@@ -31,7 +33,8 @@ class DiffusersSVDHost:
     """SVD through diffusers modules; see ``i2vedit.host`` for the protocol's conventions."""
 
     name = "diffusers"
-    lora_working_copy: LoRACopy | None = None  # made by ``lora.lora_copy`` on first use
+    lora_branch: LoRABranch | None = None  # the motion-LoRA branch on the UNet (``lora.attach_branch``)
+    lora_hooks: Sequence[RemovableHandle] = ()  # its forward hooks on the target linears
 
     def __init__(
         self,
@@ -46,7 +49,10 @@ class DiffusersSVDHost:
             raise I2VEditError(
                 f"the diffusers host needs a UNetSpatioTemporalConditionModel (SVD), got {type(unet).__name__}."
             )
-        self.unet, self.vae, self.image_encoder = unet.eval(), vae.eval(), image_encoder.eval()
+        # an inference host: no weight of the three models takes gradients (only a LoRA branch trains)
+        self.unet, self.vae, self.image_encoder = (
+            m.eval().requires_grad_(False) for m in (unet, vae, image_encoder)
+        )
         self.dtype = dtype
         self.clip_mean = torch.tensor(clip_mean).view(1, 3, 1, 1)
         self.clip_std = torch.tensor(clip_std).view(1, 3, 1, 1)
@@ -61,21 +67,19 @@ class DiffusersSVDHost:
         """Forget the last call's ``transformer_options`` (its attention controller and what it holds)."""
         install_attention_control(self.unet).options = {}
 
+    def training_host(self, trainer: DiffusersLoRATrainer) -> DiffusersSVDHost:
+        """This host's model with ``trainer``'s LoRA as trained so far (live, no dropout)."""
+        return DiffusersTrainingHost(self, trainer)
+
     def lora_trainer(
         self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any
     ) -> DiffusersLoRATrainer:
-        """A trainable LoRA in this host's LoRA'd working copy of its UNet (``host.LoRATrainable``)."""
+        """A trainable motion LoRA in this host's LoRA branch on its UNet (``host.LoRATrainable``)."""
         return DiffusersLoRATrainer(self, rank, target_set, dropout, **kw)
 
     def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> DiffusersSVDHost:
         """This host's model with a motion LoRA applied (this host is not changed)."""
         return DiffusersLoRAHost(self, weights, strength)
-
-    def with_unet(self, unet: UNetSpatioTemporalConditionModel) -> DiffusersSVDHost:
-        """A host of ``unet`` with this host's VAE, image encoder and CLIP normalisation (fp32)."""
-        other = DiffusersSVDHost(unet, self.vae, self.image_encoder, dtype=torch.float32)
-        other.clip_mean, other.clip_std = self.clip_mean, self.clip_std
-        return other
 
     def fingerprint(self) -> str:
         params = dict(self.unet.named_parameters())
@@ -103,6 +107,22 @@ class DiffusersSVDHost:
         transformer_options: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """``denoise`` without switching gradients off, for training."""
+        self._switch_branch()
+        return self.run_unet(x, sigma, conds, transformer_options)
+
+    def _switch_branch(self) -> None:
+        """The base model's calls run without any motion LoRA."""
+        if self.lora_branch is not None:
+            self.lora_branch.on = False
+
+    def run_unet(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        conds: Sequence[SVDCond],
+        transformer_options: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """D(x; σ, c) for each conditioning, with the LoRA branch as it is switched now (gradients as they are)."""
         if x.ndim != 4:
             raise I2VEditError(f"latents must be (frames, 4, h, w), got {tuple(x.shape)}.")
         for c in conds:
@@ -201,9 +221,9 @@ class DiffusersSVDHost:
 
 
 class DiffusersLoRAHost(DiffusersSVDHost):
-    """``base``'s model with a motion LoRA, run in ``base``'s one working copy (no copy of its own).
+    """``base``'s model with a motion LoRA: ``base``'s own UNet with the branch switched on.
 
-    Before each model call it loads its LoRA into the copy, unless the copy holds it already.
+    Before each model call it loads its LoRA into the branch, unless the branch holds it already.
     """
 
     def __init__(self, base: DiffusersSVDHost, weights: LoRAWeights, strength: float = 1.0) -> None:
@@ -213,18 +233,58 @@ class DiffusersLoRAHost(DiffusersSVDHost):
         }
         check_lora_fits(weights, shapes, self.target_set)
         self.base, self.weights, self.strength = base, weights, strength
-        self.vae, self.image_encoder, self.dtype = base.vae, base.image_encoder, torch.float32
+        self.unet, self.vae, self.image_encoder, self.dtype = (
+            base.unet,
+            base.vae,
+            base.image_encoder,
+            base.dtype,
+        )
         self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
 
-    @property
-    def unet(self):  # read-only here: the copy's UNet
-        return lora_copy(self.base, self.weights.rank, self.target_set).host.unet
+    def _switch_branch(self) -> None:
+        branch = attach_branch(self.base, self.weights.rank, self.target_set)
+        if branch.owner is not self:
+            branch.load(self.weights.modules, self.strength)
+            branch.owner = self
+        branch.dropout_on = False
+        self.unet.train(False)
+        branch.on = True
 
-    def denoise_with_grad(self, x, sigma, conds, transformer_options=None) -> torch.Tensor:
-        shared = lora_copy(self.base, self.weights.rank, self.target_set)
-        if shared.owner is not self:
-            shared.load(self.weights.modules, self.strength)
-            shared.owner = self
-            shared.dropout_on = False
-            shared.host.unet.train(False)
-        return super().denoise_with_grad(x, sigma, conds, transformer_options)
+    def lora_trainer(
+        self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any
+    ) -> DiffusersLoRATrainer:
+        return self.base.lora_trainer(rank, target_set, dropout, **kw)
+
+    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> DiffusersSVDHost:
+        return self.base.with_lora(weights, strength)
+
+
+class DiffusersTrainingHost(DiffusersSVDHost):
+    """``base``'s model with the LoRA a trainer holds now, live (``DiffusersLoRATrainer.host``)."""
+
+    def __init__(self, base: DiffusersSVDHost, trainer: DiffusersLoRATrainer) -> None:
+        self.base, self.trainer = base, trainer
+        self.unet, self.vae, self.image_encoder, self.dtype = (
+            base.unet,
+            base.vae,
+            base.image_encoder,
+            base.dtype,
+        )
+        self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
+
+    def _switch_branch(self) -> None:
+        branch = self.base.lora_branch
+        if branch is None or branch.owner is not self.trainer:
+            raise I2VEditError(
+                "another LoRA of this model ran since this training; load the trained LoRA instead."
+            )
+        branch.dropout_on = False
+        branch.on = True
+
+    def lora_trainer(
+        self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any
+    ) -> DiffusersLoRATrainer:
+        return self.base.lora_trainer(rank, target_set, dropout, **kw)
+
+    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> DiffusersSVDHost:
+        return self.base.with_lora(weights, strength)

@@ -1,120 +1,65 @@
-"""Motion LoRA for the diffusers host, through peft on ONE working copy of the UNet per host.
+"""Motion LoRA for the diffusers host: one branch on the host's own UNet (``lora.branch.LoRABranch``).
 
-A host makes at most one LoRA'd working copy of its UNet (fp32, peft adapter "default" on the
-target linears; ``lora_copy``), and every trainer and every LoRA host of that host shares it: a
-trainer resets the adapter to its initial LoRA, a LoRA host loads its weights into the adapter
-before each of its model calls (only when another user of the copy ran since). So a whole
-multi-clip edit holds the user's UNet plus one copy, never a copy per clip.
-
-The adapter starts as peft draws it (A ~ N(0, 1/r²), B = 0, scale 1 as the authors have it;
-``lora.peft_init.init_lora_pairs`` replays peft's draws for a reused copy). The authors' dropout acts on
-the LoRA branch *output*, where peft's acts on its input, so peft's is left at 0 and a forward hook
-on each ``lora_B`` applies dropout to its output instead (exactly ``W x + dropout(B A x)``).
+A host attaches at most one branch, on first use (``attach_branch``): forward hooks on the target
+linears of its UNet, so no copy of the UNet is ever made and its module tree and state dict stay
+as they are. The base host switches the branch off for its calls (exactly the base model); a LoRA
+host loads its weights into it (only when another user ran since) and switches it on; a trainer
+resets it to the seeded initial LoRA (``lora.peft_init``, peft's draws) and trains it. The branch
+is fp32 whatever the UNet's dtype.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 
-from ...errors import I2VEditError, LoRAError
-from ...lora.file import LoRAPair, validate_rank
+from ...errors import I2VEditError
+from ...lora.branch import LoRABranch
+from ...lora.file import LoRAPair
 from ...lora.peft_init import init_lora_pairs
-from ...lora.targets import target_shapes, to_comfy_name, to_diffusers_name
+from ...lora.targets import target_shapes, to_comfy_name
 from ...svd import SVDCond
 
 if TYPE_CHECKING:
     from .host import DiffusersSVDHost
 
-ADAPTER = "default"
 
+def attach_branch(host: DiffusersSVDHost, rank: int, target_set: str) -> LoRABranch:
+    """``host``'s LoRA branch for ``rank`` / ``target_set``, attached to its UNet on first use.
 
-def _weights_state(unet: torch.nn.Module) -> tuple[tuple[int, int], ...]:
-    """Where each parameter lives and how often it was changed in place: any edit of the weights shows."""
-    return tuple((p.data_ptr(), p._version) for p in unet.parameters())
-
-
-class LoRACopy:
-    """A host's one LoRA'd fp32 working copy of its UNet, shared by its trainers and LoRA hosts."""
-
-    def __init__(self, base: DiffusersSVDHost, rank: int, target_set: str) -> None:
-        shapes = target_shapes(base.unet, target_set, "diffusers")
-        validate_rank(rank, shapes)
-        self.rank, self.target_set = rank, target_set
-        self.shapes = {to_comfy_name(n): s for n, s in shapes.items()}
-        self.base_state = _weights_state(base.unet)
-        unet = copy.deepcopy(base.unet).float().requires_grad_(False)
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=rank,
-            lora_dropout=0.0,
-            target_modules=sorted(shapes),
-            init_lora_weights="gaussian",
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            inject_adapter_in_model(config, unet)
-        modules = dict(unet.named_modules())
-        self.layers = {to_comfy_name(n): modules[n] for n in sorted(shapes)}
-        self.dropout_p, self.dropout_on = 0.0, False
-        for layer in self.layers.values():
-            layer.lora_B[ADAPTER].register_forward_hook(self._branch_dropout)
-        self.host = base.with_unet(unet)
-        self.owner: object | None = None  # whose LoRA the adapter holds now
-
-    def _branch_dropout(self, module, inputs, output):
-        if self.dropout_on and self.dropout_p > 0:
-            return torch.nn.functional.dropout(output, self.dropout_p, training=True)
-        return output
-
-    def fits(self, base: DiffusersSVDHost, rank: int, target_set: str) -> bool:
-        """True when this copy serves ``rank``/``target_set`` and ``base``'s weights are unchanged since."""
-        return (rank, target_set) == (self.rank, self.target_set) and _weights_state(
-            base.unet
-        ) == self.base_state
-
-    def load(self, modules: dict[str, LoRAPair], strength: float = 1.0) -> None:
-        """Set the adapter to ``modules`` (every target layer; the file's alpha/rank folded into up)."""
-        unknown = sorted(set(modules) - set(self.layers))
-        missing = sorted(set(self.layers) - set(modules))
-        if unknown or missing:
-            raise LoRAError(
-                f"this LoRA does not fit the model's {self.target_set!r} layers: "
-                + (f"unknown {unknown[:3]} " if unknown else "")
-                + (f"missing {missing[:3]}" if missing else "")
-            )
-        with torch.no_grad():
-            for name, pair in modules.items():
-                layer = self.layers[name]
-                layer.lora_A[ADAPTER].weight.copy_(pair.down)
-                layer.lora_B[ADAPTER].weight.copy_(pair.up * (strength * pair.alpha / pair.rank))
-
-
-def lora_copy(host: DiffusersSVDHost, rank: int, target_set: str) -> LoRACopy:
-    """``host``'s LoRA'd working copy for ``rank``/``target_set``, made on first use.
-
-    A copy of another rank or target set, or one made before ``host``'s weights were changed in
-    place, is dropped before the new one is made, so at most one exists per host.
+    A branch of another rank or target set is detached first, so a UNet carries at most one.
     """
-    current = host.lora_working_copy
-    if current is not None and current.fits(host, rank, target_set):
+    current = host.lora_branch
+    if current is not None and (current.rank, current.target_set) == (rank, target_set):
         return current
-    host.lora_working_copy = None  # let the old copy go before the new one is built
-    del current
-    made = LoRACopy(host, rank, target_set)
-    host.lora_working_copy = made
-    return made
+    for handle in host.lora_hooks:
+        handle.remove()
+    host.lora_branch, host.lora_hooks = None, []
+    shapes = target_shapes(host.unet, target_set, "diffusers")
+    branch = LoRABranch({to_comfy_name(n): s for n, s in shapes.items()}, rank, target_set, host.device)
+    modules = dict(host.unet.named_modules())
+    host.lora_hooks = [
+        modules[n].register_forward_hook(_branch_hook(branch, to_comfy_name(n))) for n in shapes
+    ]
+    host.lora_branch = branch
+    return branch
+
+
+def _branch_hook(branch: LoRABranch, name: str) -> Any:
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return branch.add(name, inputs[0], output)
+
+    return hook
 
 
 class DiffusersLoRATrainer:
-    """Trains a motion LoRA in ``host``'s working copy (``host.LoRATrainable``).
+    """Trains a motion LoRA in ``host``'s branch (``host.LoRATrainable``).
 
-    Building a trainer resets the copy's adapter to the initial LoRA of ``init_seed``. A LoRA host
-    of the same base that runs a model call meanwhile takes the copy over; the trainer's next step
-    then refuses to continue rather than train on another LoRA's values.
+    Building a trainer resets the branch to the initial LoRA of ``init_seed``. A LoRA host of the
+    same host that runs a model call meanwhile takes the branch over; the trainer's next step then
+    refuses to continue rather than train on another LoRA's values. Base-model calls in between
+    (skip-interval K/V replays) switch the branch off for their call only.
     """
 
     def __init__(
@@ -127,77 +72,57 @@ class DiffusersLoRATrainer:
         autocast_dtype: torch.dtype | None = None,
         init_seed: int = 0,
     ) -> None:
-        validate_rank(rank, target_shapes(host.unet, target_set, "diffusers"))
         self.rank, self.target_set, self.p = rank, target_set, dropout
         self.autocast_dtype = autocast_dtype
-        self._copy = lora_copy(host, rank, target_set)
-        self._copy.load(init_lora_pairs(self._copy.shapes, rank, init_seed))
-        self._copy.owner = self
-        self._copy.dropout_p = dropout
-        unet = self._copy.host.unet
+        self._host = host
+        self._branch = attach_branch(host, rank, target_set)
+        self._branch.load(init_lora_pairs(self._branch.shapes, rank, init_seed))
+        self._branch.owner = self
+        unet = host.unet
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         elif unet.is_gradient_checkpointing:
             unet.disable_gradient_checkpointing()
-        self._named = []
-        for name, layer in sorted(self._copy.layers.items()):
-            self._named.append((f"{name}.lora_down", layer.lora_A[ADAPTER].weight))
-            self._named.append((f"{name}.lora_up", layer.lora_B[ADAPTER].weight))
-        for _, p in self._named:
+        for _, p in self._branch.named_trainable():
             p.requires_grad_(True)
 
     @property
     def host(self) -> DiffusersSVDHost:
-        """A host over the working copy (the LoRA as trained so far)."""
-        return self._copy.host
-
-    @property
-    def unet(self):
-        return self._copy.host.unet
+        """A host of the LoRA as trained so far (live; no dropout)."""
+        return self._host.training_host(self)
 
     def fingerprint(self) -> str:
-        return self._copy.host.fingerprint()
+        return self._host.fingerprint()
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return self._named
+        return self._branch.named_trainable()
 
     def set_dropout(self, active: bool) -> None:
         """Called before each step and after the last: also drops the previous step's controller."""
-        self._copy.host.release_call_options()
-        self._copy.dropout_p, self._copy.dropout_on = self.p, active
-        self.unet.train(active)  # diffusers checkpoints only in training mode
+        self._host.release_call_options()
+        self._branch.dropout_p, self._branch.dropout_on = self.p, active
+        self._host.unet.train(active)  # diffusers checkpoints only in training mode
 
     def train_denoise(
         self, x: torch.Tensor, sigma: float, cond: SVDCond, transformer_options: dict[str, Any]
     ) -> torch.Tensor:
-        if self._copy.owner is not self:
+        if self._branch.owner is not self or self._host.lora_branch is not self._branch:
             raise I2VEditError(
-                "another LoRA of this model ran while this LoRA was training, in the one working copy they "
-                "share; train one LoRA at a time (or load the LoRA trained so far and resume)."
+                "another LoRA of this model ran while this LoRA was training, in the one UNet they share; "
+                "train one LoRA at a time (or load the LoRA trained so far and resume)."
             )
-        dev = self.host.device
+        self._branch.on = True
+        dev = self._host.device
         use_autocast = self.autocast_dtype is not None and dev.type == "cuda"
         with torch.enable_grad(), torch.autocast(dev.type, self.autocast_dtype, enabled=use_autocast):
-            return self.host.denoise_with_grad(x, sigma, [cond], transformer_options)[0].float()
+            return self._host.run_unet(x, sigma, [cond], transformer_options)[0].float()
 
     def export(self) -> dict[str, LoRAPair]:
-        return {
-            name: LoRAPair(
-                layer.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32, copy=True),
-                layer.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32, copy=True),
-                float(self.rank),
-            )
-            for name, layer in sorted(self._copy.layers.items())
-        }
+        return self._branch.export()
 
     def load(self, modules: dict[str, LoRAPair], strength: float = 1.0) -> None:
-        self._copy.load(modules, strength)
-        self._copy.owner = self
+        self._branch.load(modules, strength)
+        self._branch.owner = self
 
 
-__all__ = [
-    "DiffusersLoRATrainer",
-    "LoRACopy",
-    "lora_copy",
-    "to_diffusers_name",
-]
+__all__ = ["DiffusersLoRATrainer", "attach_branch"]

@@ -1,0 +1,89 @@
+"""A motion LoRA as a switchable branch beside the target linears of the one UNet: no copy, no merge.
+
+While the branch is on, a target linear gives ``W x + dropout(B A x)`` (``B`` holds the file's
+alpha / rank and the strength; dropout acts on the branch output as the authors have it, only while
+training); while it is off, exactly ``W x``. A host calls ``add`` from each target linear's forward
+(a forward hook on the diffusers UNet) and switches the branch per model call, so the base model,
+every LoRA and a training run share one UNet; ``owner`` says whose LoRA the branch holds now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LoRAError
+from .file import LoRAPair, validate_rank
+
+
+class LoRABranch:
+    """Down / up matrices per target layer (ComfyUI module names), an on switch and the training dropout."""
+
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        rank: int,
+        target_set: str,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        validate_rank(rank, shapes)
+        self.rank, self.target_set, self.shapes = rank, target_set, dict(shapes)
+        self.down = {
+            n: torch.nn.Parameter(torch.zeros(rank, i, device=device, dtype=dtype), requires_grad=False)
+            for n, (_, i) in sorted(shapes.items())
+        }
+        self.up = {
+            n: torch.nn.Parameter(torch.zeros(o, rank, device=device, dtype=dtype), requires_grad=False)
+            for n, (o, _) in sorted(shapes.items())
+        }
+        self.on = False
+        self.dropout_p, self.dropout_on = 0.0, False
+        self.owner: object | None = None  # whose LoRA the branch holds now
+
+    def add(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The output of target linear ``name`` for input ``x``, given its plain output ``out``."""
+        if not self.on:
+            return out
+        down, up = self.down[name], self.up[name]
+        if not torch.is_grad_enabled():  # on CPU a weight's requires_grad picks the kernel: one for inference
+            down, up = down.detach(), up.detach()
+        branch = F.linear(F.linear(x.to(down.dtype), down), up)
+        if self.dropout_on and self.dropout_p > 0:
+            branch = F.dropout(branch, self.dropout_p, training=True)
+        return out + branch.to(out.dtype)
+
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The LoRA tensors in a fixed order, named ``<comfy module>.lora_down`` / ``.lora_up``."""
+        out = []
+        for name in sorted(self.shapes):
+            out += [(f"{name}.lora_down", self.down[name]), (f"{name}.lora_up", self.up[name])]
+        return out
+
+    def load(self, modules: Mapping[str, LoRAPair], strength: float = 1.0) -> None:
+        """Set the branch to ``modules`` (every target layer; the file's alpha / rank folded into up)."""
+        unknown = sorted(set(modules) - set(self.shapes))
+        missing = sorted(set(self.shapes) - set(modules))
+        if unknown or missing:
+            raise LoRAError(
+                f"this LoRA does not fit the model's {self.target_set!r} layers: "
+                + (f"unknown {unknown[:3]} " if unknown else "")
+                + (f"missing {missing[:3]}" if missing else "")
+            )
+        with torch.no_grad():
+            for name, pair in modules.items():
+                self.down[name].copy_(pair.down)
+                self.up[name].copy_(pair.up * (strength * pair.alpha / pair.rank))
+
+    def export(self) -> dict[str, LoRAPair]:
+        """Detached CPU float32 copies by module name (alpha = rank: scale 1)."""
+        return {
+            name: LoRAPair(
+                self.down[name].detach().to("cpu", torch.float32, copy=True),
+                self.up[name].detach().to("cpu", torch.float32, copy=True),
+                float(self.rank),
+            )
+            for name in sorted(self.shapes)
+        }
