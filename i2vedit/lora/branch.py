@@ -47,7 +47,8 @@ class LoRABranch:
         """The output of target linear ``name`` for input ``x``, given its plain output ``out``."""
         if not self.on:
             return out
-        down, up = self.down[name], self.up[name]
+        down: torch.Tensor = self.down[name]
+        up: torch.Tensor = self.up[name]
         if not torch.is_grad_enabled():  # on CPU a weight's requires_grad picks the kernel: one for inference
             down, up = down.detach(), up.detach()
         branch = F.linear(F.linear(x.to(down.dtype), down), up)
