@@ -220,7 +220,8 @@ class AttentionMatchSampler(io.ComfyNode):
                 skip_interval_kv=None) -> io.NodeOutput:  # fmt: skip
         inversion = check_inversion(inversion)
         base, inv, clip_index = inversion.host, inversion.inversion, inversion.clip_index
-        host = host_of(model, base.clip_vision, base.vae)
+        # the inversion's own host when it is the same MODEL: its LoRA branch then shares one clone with the replays
+        host = base if model is base.patcher else host_of(model, base.clip_vision, base.vae)
         height, width = inv.latent_hw[0] * 8, inv.latent_hw[1] * 8
         prev, edited = None, None
         if previous_clip is not None:

@@ -426,3 +426,33 @@ def test_comfy_lora_model_refuses_a_lora_that_does_not_fit(trained, comfy_host):
     wrong[name] = LoRAPair(torch.zeros(RANK, pair.down.shape[1] + 1), pair.up, pair.alpha)
     with pytest.raises(LoRAError):
         comfy_lora_model(comfy_host.patcher, LoRAWeights(wrong, target_set="temporal"))
+
+
+def test_the_lora_branch_is_the_stock_loaders_lora_and_switched_off_exactly_the_base_model(
+    trained, comfy_host, cond, x_in
+):
+    """One MODEL clone for the base model and every LoRA: the branch on gives what ComfyUI's stock loader
+    gives for the same file; off (the base model's calls on the same clone) exactly what it gave before."""
+    from i2vedit.hosts.comfy.host import ComfySVDHost
+    from i2vedit.hosts.comfy.lora import comfy_lora_model
+
+    weights = trained.result.weights
+    host = ComfySVDHost(comfy_host.patcher, comfy_host.clip_vision, comfy_host.vae)
+
+    def controlled(h, x, sigma):  # through the controlled clone, where the branch lives
+        return h.denoise(x, sigma, [cond], {CONTROLLER_KEY: AttentionController(set())})
+
+    before = [controlled(host, x_in * max(s, 1.0), s) for s in SIGMAS]
+    lora_host = host.with_lora(weights)
+    stock = ComfySVDHost(comfy_lora_model(comfy_host.patcher, weights))
+    for sigma, plain in zip(SIGMAS, before):
+        x = x_in * max(sigma, 1.0)
+        ours = lora_host.denoise(x, sigma, [cond])
+        ref = stock.denoise(x, sigma, [cond])
+        assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), float((ours - ref).abs().max())
+        assert (ours - plain).abs().max() > 1e-4, "the LoRA must change the model"
+        assert torch.equal(controlled(host, x, sigma), plain)  # branch off on the same clone
+        assert lora_host.controlled_patcher is host.controlled_patcher
+    half = host.with_lora(weights, strength=0.5).denoise(x, sigma, [cond])
+    assert (half - ours).abs().max() > 1e-5 and (half - plain).abs().max() > 1e-5
+    assert comfy_host.patcher.patches == {} and comfy_host.patcher.object_patches == {}

@@ -3,7 +3,8 @@
 While the branch is on, a target linear gives ``W x + dropout(B A x)`` (``B`` holds the file's
 alpha / rank and the strength; dropout acts on the branch output as the authors have it, only while
 training); while it is off, exactly ``W x``. A host calls ``add`` from each target linear's forward
-(a forward hook on the diffusers UNet) and switches the branch per model call, so the base model,
+(a forward hook on the diffusers UNet, an object patch on
+ComfyUI's controlled clone) and switches the branch per model call, so the base model,
 every LoRA and a training run share one UNet; ``owner`` says whose LoRA the branch holds now.
 """
 
@@ -31,14 +32,15 @@ class LoRABranch:
     ) -> None:
         validate_rank(rank, shapes)
         self.rank, self.target_set, self.shapes = rank, target_set, dict(shapes)
-        self.down = {
-            n: torch.nn.Parameter(torch.zeros(rank, i, device=device, dtype=dtype), requires_grad=False)
-            for n, (_, i) in sorted(shapes.items())
-        }
-        self.up = {
-            n: torch.nn.Parameter(torch.zeros(o, rank, device=device, dtype=dtype), requires_grad=False)
-            for n, (o, _) in sorted(shapes.items())
-        }
+        with torch.inference_mode(False):  # ordinary tensors, also when made inside a ComfyUI node
+            self.down = {
+                n: torch.nn.Parameter(torch.zeros(rank, i, device=device, dtype=dtype), requires_grad=False)
+                for n, (_, i) in sorted(shapes.items())
+            }
+            self.up = {
+                n: torch.nn.Parameter(torch.zeros(o, rank, device=device, dtype=dtype), requires_grad=False)
+                for n, (o, _) in sorted(shapes.items())
+            }
         self.on = False
         self.dropout_p, self.dropout_on = 0.0, False
         self.owner: object | None = None  # whose LoRA the branch holds now
@@ -51,6 +53,8 @@ class LoRABranch:
         up: torch.Tensor = self.up[name]
         if not torch.is_grad_enabled():  # on CPU a weight's requires_grad picks the kernel: one for inference
             down, up = down.detach(), up.detach()
+        if down.device != x.device:  # the host offloaded its model (ComfyUI low-VRAM modes)
+            down, up = down.to(x.device), up.to(x.device)
         branch = F.linear(F.linear(x.to(down.dtype), down), up)
         if self.dropout_on and self.dropout_p > 0:
             branch = F.dropout(branch, self.dropout_p, training=True)

@@ -22,10 +22,13 @@ import torch
 
 from ...errors import I2VEditError
 from ...host import FINGERPRINT_KEYS, SamplerFn, check_cfg, combine_cfg, sigma_scalar, weights_fingerprint
+from ...lora.branch import LoRABranch
+from ...lora.file import LoRAWeights, check_lora_fits
+from ...lora.targets import target_shapes
 from ...method.controller import CONTROLLER_KEY
 from ...svd import COND, SVDCond, diffusers_to_comfy_key
-from .lora import ComfyLoRATrainer, comfy_lora_model
-from .patches import DirectSampler, check_svd_model, to_conditioning, with_attention_control
+from .lora import ComfyLoRATrainer
+from .patches import DirectSampler, check_svd_model, to_conditioning, with_attention_control, with_lora_branch
 
 
 class ComfySVDHost:
@@ -42,21 +45,52 @@ class ComfySVDHost:
         self.patcher = check_svd_model(model)
         self.clip_vision, self.vae = clip_vision, vae
         self._controlled: comfy.model_patcher.ModelPatcher | None = None
+        self.lora_branch: LoRABranch | None = None
 
     @property
     def controlled_patcher(self) -> comfy.model_patcher.ModelPatcher:
-        """The MODEL clone with attention control, made once (the user's MODEL is never patched)."""
+        """The MODEL clone with attention control and the LoRA branch, if any, made once per branch (the
+        user's MODEL is never patched)."""
         if self._controlled is None:
-            self._controlled = with_attention_control(self.patcher)
+            controlled = with_attention_control(self.patcher)
+            if self.lora_branch is not None:
+                controlled = with_lora_branch(controlled, self.lora_branch)
+            self._controlled = controlled
         return self._controlled
+
+    def attach_branch(self, rank: int, target_set: str) -> LoRABranch:
+        """This host's LoRA branch for ``rank`` / ``target_set`` (one per host), made on first use.
+
+        Its forward patches live on the controlled clone, which is made again for a new branch: the
+        base model and every LoRA host of this host then run one MODEL clone, so ComfyUI never
+        re-patches weights or switches models between their calls.
+        """
+        current = self.lora_branch
+        if current is not None and (current.rank, current.target_set) == (rank, target_set):
+            return current
+        shapes = target_shapes(self.patcher.model.diffusion_model, target_set, "comfy")
+        self.lora_branch = LoRABranch(shapes, rank, target_set, self.patcher.load_device)
+        self._controlled = None
+        return self.lora_branch
+
+    def _switch_branch(self) -> None:
+        """The base model's calls run without any motion LoRA."""
+        if self.lora_branch is not None:
+            self.lora_branch.on = False
+
+    def _patcher(self, controlled: bool) -> comfy.model_patcher.ModelPatcher:
+        return self.controlled_patcher if controlled else self.patcher
 
     def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
         """A trainable LoRA'd clone of this MODEL (``host.LoRATrainable``)."""
         return ComfyLoRATrainer(self, rank, target_set, dropout, **kw)
 
-    def with_lora(self, weights, strength: float = 1.0) -> ComfySVDHost:
-        """This host's MODEL with a motion LoRA applied through ComfyUI's stock loader (a clone)."""
-        return ComfySVDHost(comfy_lora_model(self.patcher, weights, strength), self.clip_vision, self.vae)
+    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> ComfySVDHost:
+        """This host's MODEL with a motion LoRA: the branch switched on for its calls (``ComfyLoRAHost``).
+
+        ``comfy_lora_model`` gives the same model through ComfyUI's stock loader, as a MODEL for other nodes.
+        """
+        return ComfyLoRAHost(self, weights, strength)
 
     def fingerprint(self) -> str:
         unet = self.patcher.model.diffusion_model
@@ -70,7 +104,8 @@ class ComfySVDHost:
     def _guider(
         self, conds: dict[str, SVDCond], model_options: dict | None = None, controlled: bool = False
     ) -> comfy.samplers.CFGGuider:
-        patcher = self.controlled_patcher if controlled else self.patcher
+        self._switch_branch()
+        patcher = self._patcher(controlled)
         guider = comfy.samplers.CFGGuider(patcher)
         guider.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
         if model_options:
@@ -185,3 +220,45 @@ class ComfySVDHost:
             raise I2VEditError(f"decode chunk must be at least 1 frame, got {chunk}.")
         parts = [vae.decode(latents[i : i + chunk]).float().cpu() for i in range(0, latents.shape[0], chunk)]
         return torch.cat(parts).clamp(0, 1)
+
+
+class ComfyLoRAHost(ComfySVDHost):
+    """``base``'s MODEL with a motion LoRA: ``base``'s controlled clone with its LoRA branch switched on.
+
+    Before each model call it loads its LoRA into the branch, unless the branch holds it already.
+    """
+
+    def __init__(self, base: ComfySVDHost, weights: LoRAWeights, strength: float = 1.0) -> None:
+        self.target_set = weights.resolved_target_set() or "temporal"
+        check_lora_fits(
+            weights,
+            target_shapes(base.patcher.model.diffusion_model, self.target_set, "comfy"),
+            self.target_set,
+        )
+        self.base, self.weights, self.strength = base, weights, strength
+        self.patcher, self.clip_vision, self.vae = base.patcher, base.clip_vision, base.vae
+        self.lora_branch = None
+
+    @property
+    def controlled_patcher(self) -> comfy.model_patcher.ModelPatcher:
+        self.base.attach_branch(self.weights.rank, self.target_set)
+        return self.base.controlled_patcher
+
+    def _patcher(self, controlled: bool) -> comfy.model_patcher.ModelPatcher:
+        return (
+            self.controlled_patcher
+        )  # the branch lives there; without a controller it computes ComfyUI's attention
+
+    def _switch_branch(self) -> None:
+        branch = self.base.attach_branch(self.weights.rank, self.target_set)
+        if branch.owner is not self:
+            branch.load(self.weights.modules, self.strength)
+            branch.owner = self
+        branch.dropout_on = False
+        branch.on = True
+
+    def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
+        return self.base.lora_trainer(rank, target_set, dropout, **kw)
+
+    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> ComfySVDHost:
+        return self.base.with_lora(weights, strength)

@@ -4,6 +4,7 @@
   fire for the spatial and the temporal block alike) plus an object patch that tags temporal calls;
 - ``DirectSampler``: runs a k-diffusion sampler function from a given latent inside ComfyUI's
   ``CFGGuider`` path;
+- ``with_lora_branch``: forward patches that add a motion-LoRA branch to the target linears;
 - ``check_svd_model`` / ``to_conditioning``: the MODEL check and ``SVDCond`` as CONDITIONING.
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from ...errors import NotSVDModelError
 from ...host import SamplerFn
+from ...lora.branch import LoRABranch
 from ...method.controller import CONTROLLER_KEY, TEMPORAL_KEY, AttnCall, chunk_kinds
 from ...svd import POSITIONS, AttentionPosition, SVDCond
 
@@ -126,3 +128,22 @@ def with_attention_control(model: comfy.model_patcher.ModelPatcher) -> comfy.mod
         name = f"diffusion_model.{pos.comfy_prefix}.time_stack.0.forward"
         m.add_object_patch(name, _tag_temporal(m.get_model_object(name)))
     return m
+
+
+def with_lora_branch(
+    model: comfy.model_patcher.ModelPatcher, branch: LoRABranch
+) -> comfy.model_patcher.ModelPatcher:
+    """A clone of ``model`` whose motion-LoRA target linears add ``branch`` to their output (object patches
+    on their ``forward``). The host switches the branch per call; switched off, the linears are untouched."""
+    m = model.clone()
+    for name in branch.shapes:
+        key = f"diffusion_model.{name}.forward"
+        m.add_object_patch(key, _branch_forward(branch, name, m.get_model_object(key)))
+    return m
+
+
+def _branch_forward(branch: LoRABranch, name: str, forward: Callable) -> Callable:
+    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return branch.add(name, x, forward(x, *args, **kwargs))
+
+    return run
