@@ -245,9 +245,8 @@ class ComfyLoRAHost(ComfySVDHost):
         return self.base.controlled_patcher
 
     def _patcher(self, controlled: bool) -> comfy.model_patcher.ModelPatcher:
-        return (
-            self.controlled_patcher
-        )  # the branch lives there; without a controller it computes ComfyUI's attention
+        # always the clone the branch lives on; without a controller its patches compute ComfyUI's attention
+        return self.controlled_patcher
 
     def _switch_branch(self) -> None:
         branch = self.base.attach_branch(self.weights.rank, self.target_set)
