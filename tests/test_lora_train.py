@@ -306,3 +306,18 @@ def test_the_initial_lora_is_the_one_peft_draws():
         layer, pair = modules[name], ours[to_comfy_name(name)]
         assert torch.equal(layer.lora_A["default"].weight, pair.down)
         assert torch.equal(layer.lora_B["default"].weight, pair.up)
+
+
+def test_a_lora_of_another_rank_is_refused_not_broadcast():
+    """Rank-1 matrices copied into a rank-4 branch broadcast silently (a repeated LoRA); now a clear error."""
+    from i2vedit.lora.file import LoRAPair
+
+    trainer = DiffusersLoRATrainer(build_tiny_diffusers_host(seed=0), rank=4)
+    rank1 = {n: LoRAPair(p.down[:1].clone(), p.up[:, :1].clone(), 1.0) for n, p in trainer.export().items()}
+    before = trainer.export()
+    with pytest.raises(LoRAError, match=r"has down \(1, \d+\) / up \(\d+, 1\).*rank or model differ"):
+        trainer.load(rank1)
+    after = trainer.export()
+    assert all(
+        torch.equal(after[n].down, before[n].down) and torch.equal(after[n].up, before[n].up) for n in before
+    )

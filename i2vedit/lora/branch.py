@@ -69,26 +69,53 @@ class LoRABranch:
 
     def load(self, modules: Mapping[str, LoRAPair], strength: float = 1.0) -> None:
         """Set the branch to ``modules`` (every target layer; the file's alpha / rank folded into up)."""
-        unknown = sorted(set(modules) - set(self.shapes))
-        missing = sorted(set(self.shapes) - set(modules))
-        if unknown or missing:
-            raise LoRAError(
-                f"this LoRA does not fit the model's {self.target_set!r} layers: "
-                + (f"unknown {unknown[:3]} " if unknown else "")
-                + (f"missing {missing[:3]}" if missing else "")
-            )
+        fitted = fitted_pairs(modules, self.shapes, self.rank, self.target_set, strength)
         with torch.no_grad():
-            for name, pair in modules.items():
-                self.down[name].copy_(pair.down)
-                self.up[name].copy_(pair.up * (strength * pair.alpha / pair.rank))
+            for name, (down, up) in fitted.items():
+                self.down[name].copy_(down)
+                self.up[name].copy_(up)
 
     def export(self) -> dict[str, LoRAPair]:
         """Detached CPU float32 copies by module name (alpha = rank: scale 1)."""
-        return {
-            name: LoRAPair(
-                self.down[name].detach().to("cpu", torch.float32, copy=True),
-                self.up[name].detach().to("cpu", torch.float32, copy=True),
-                float(self.rank),
+        return exported_pairs({name: (self.down[name], self.up[name]) for name in self.shapes}, self.rank)
+
+
+def fitted_pairs(
+    modules: Mapping[str, LoRAPair],
+    shapes: Mapping[str, tuple[int, int]],
+    rank: int,
+    target_set: str,
+    strength: float = 1.0,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``modules`` as (down, up) to copy into LoRA layers ``{name: (out, in)}`` of ``rank``, the file's
+    alpha / rank and ``strength`` folded into up; a clear error for missing, unknown or mis-shaped layers."""
+    unknown = sorted(set(modules) - set(shapes))
+    missing = sorted(set(shapes) - set(modules))
+    if unknown or missing:
+        raise LoRAError(
+            f"this LoRA does not fit the model's {target_set!r} layers: "
+            + (f"unknown {unknown[:3]} " if unknown else "")
+            + (f"missing {missing[:3]}" if missing else "")
+        )
+    out = {}
+    for name, pair in modules.items():
+        out_f, in_f = shapes[name]
+        if tuple(pair.down.shape) != (rank, in_f) or tuple(pair.up.shape) != (out_f, rank):
+            raise LoRAError(
+                f"LoRA layer {name} has down {tuple(pair.down.shape)} / up {tuple(pair.up.shape)}, but "
+                f"this one has {(rank, in_f)} / {(out_f, rank)} (rank or model differ)."
             )
-            for name in sorted(self.shapes)
-        }
+        out[name] = (pair.down, pair.up * (strength * pair.alpha / pair.rank))
+    return out
+
+
+def exported_pairs(layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> dict[str, LoRAPair]:
+    """Detached CPU float32 copies of ``{name: (down, up)}``, names sorted, alpha = rank (scale 1)."""
+    return {
+        name: LoRAPair(
+            down.detach().to("cpu", torch.float32, copy=True),
+            up.detach().to("cpu", torch.float32, copy=True),
+            float(rank),
+        )
+        for name, (down, up) in sorted(layers.items())
+    }

@@ -71,6 +71,7 @@ import torch.utils.checkpoint
 
 from ...errors import LoRAError
 from ...host import sigma_scalar
+from ...lora.branch import exported_pairs, fitted_pairs
 from ...lora.file import LoRAPair, LoRAWeights, check_lora_fits, validate_rank
 from ...lora.peft_init import init_lora_pairs, peft_init_order
 from ...lora.targets import target_shapes
@@ -192,6 +193,7 @@ class ComfyLoRATrainer:
         shapes = target_shapes(base.model.diffusion_model, target_set, "comfy")
         validate_rank(rank, shapes)
         self.rank, self.target_set, self.p = rank, target_set, float(dropout)
+        self._shapes = shapes
         self.autocast_dtype = autocast_dtype
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self._dropout_on = False
@@ -288,38 +290,15 @@ class ComfyLoRATrainer:
 
     def export(self) -> dict[str, LoRAPair]:
         with torch.inference_mode(False):
-            return {
-                name: LoRAPair(
-                    a.lora_down.weight.detach().to("cpu", torch.float32, copy=True),
-                    a.lora_up.weight.detach().to("cpu", torch.float32, copy=True),
-                    float(self.rank),
-                )
-                for name, a in self._adapters.items()
-            }
+            layers = {n: (a.lora_down.weight, a.lora_up.weight) for n, a in self._adapters.items()}
+            return exported_pairs(layers, self.rank)
 
-    def load(self, modules: dict[str, LoRAPair], strength: float = 1.0) -> None:
-        unknown = sorted(set(modules) - set(self._adapters))
-        missing = sorted(set(self._adapters) - set(modules))
-        if unknown or missing:
-            raise LoRAError(
-                f"this LoRA does not fit the model's {self.target_set!r} layers: "
-                + (f"unknown {unknown[:3]} " if unknown else "")
-                + (f"missing {missing[:3]}" if missing else "")
-            )
+    def load(self, modules: dict[str, LoRAPair]) -> None:
+        fitted = fitted_pairs(modules, self._shapes, self.rank, self.target_set)
         with torch.inference_mode(False), torch.no_grad():
-            for name, pair in modules.items():
-                a = self._adapters[name]
-                if tuple(pair.down.shape) != tuple(a.lora_down.weight.shape) or tuple(pair.up.shape) != tuple(
-                    a.lora_up.weight.shape
-                ):
-                    raise LoRAError(
-                        f"LoRA layer {name} has down {tuple(pair.down.shape)} / up {tuple(pair.up.shape)}, but "
-                        f"this trainer has {tuple(a.lora_down.weight.shape)} / {tuple(a.lora_up.weight.shape)} "
-                        "(rank or model differ)."
-                    )
-                scale = strength * pair.alpha / pair.rank  # file scale folded into up
-                a.lora_down.weight.copy_(pair.down)
-                a.lora_up.weight.copy_(pair.up * scale)
+            for name, (down, up) in fitted.items():
+                self._adapters[name].lora_down.weight.copy_(down)
+                self._adapters[name].lora_up.weight.copy_(up)
 
     # ---- inference -------------------------------------------------------------------------------
 

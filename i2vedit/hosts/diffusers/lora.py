@@ -120,8 +120,8 @@ class DiffusersLoRATrainer:
     def export(self) -> dict[str, LoRAPair]:
         return self._branch.export()
 
-    def load(self, modules: dict[str, LoRAPair], strength: float = 1.0) -> None:
-        self._branch.load(modules, strength)
+    def load(self, modules: dict[str, LoRAPair]) -> None:
+        self._branch.load(modules)
         self._branch.owner = self
 
 
