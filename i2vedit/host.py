@@ -1,8 +1,8 @@
 """The host protocol: the few questions the method asks of a model library, and what it builds on them.
 
 A host evaluates SVD's EDM denoiser D(x; σ, cond), encodes the CLIP image embedding and VAE
-latents, decodes latents in frame chunks, makes a trainable LoRA'd copy of its UNet
-(``LoRATrainable``) and attaches a trained motion LoRA. Everything else (SARP, schedules,
+latents, decodes latents in frame chunks, trains a motion LoRA on its UNet (``LoRATrainable``)
+and attaches a trained one. Everything else (SARP, schedules,
 inversion, matching, chaining, the training loop) is host-free.
 
 Conventions shared by every host (the data types are in ``svd``):

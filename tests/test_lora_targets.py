@@ -135,7 +135,7 @@ def test_names_convert_between_namings_and_round_trip(full_unet, full_comfy_name
     assert set(comfy) <= set(full_comfy_names)
     assert select_targets(full_comfy_names, "temporal", "comfy") == sorted(comfy)
     assert len(select_targets(full_comfy_names, "temporal_attention", "comfy")) == 128
-    # One block's names match layers.POSITIONS.
+    # One block's names match svd.POSITIONS.
     for pos in POSITIONS:
         assert to_comfy_name(pos.diffusers_temporal + ".to_q") == pos.comfy_temporal + ".to_q"
 

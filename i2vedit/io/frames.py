@@ -21,6 +21,38 @@ from ..errors import I2VEditError
 ResizeMode = Literal["stretch", "pad"]
 
 
+def check_time_range(
+    start_t: float, end_t: float, sample_fps: float, native_fps: float | None = None
+) -> None:
+    """Refuse a time range or sample rate that is not a finite number in range (``-1``: the end / own rate)."""
+    for name, value, hint in (
+        ("start time", start_t, "seconds from the start, 0 or more"),
+        ("end time", end_t, "seconds from the start, or -1 for the end of the video"),
+        ("sample fps", sample_fps, "frames per second above 0, or -1 for the video's own rate"),
+    ):
+        try:
+            finite = math.isfinite(value)
+        except TypeError:
+            finite = False
+        if not finite:
+            raise I2VEditError(f"{name} {value} is not a finite number; give {hint}.")
+    if start_t < 0:
+        raise I2VEditError(f"start time {start_t:g} s is negative; use a start time of 0 s or later.")
+    if end_t != -1 and end_t <= 0:
+        raise I2VEditError(
+            f"end time {end_t:g} s is not after 0 s; give a later end time, or -1 for the whole video."
+        )
+    if end_t != -1 and start_t >= end_t:
+        raise I2VEditError(
+            f"start time {start_t:g} s is not before end time {end_t:g} s; give a start time before the end time."
+        )
+    if sample_fps != -1 and sample_fps <= 0:
+        raise I2VEditError(
+            f"sample fps {sample_fps:g} is not positive; use a positive sample fps, or -1 for the "
+            + (f"native {native_fps:g} fps." if native_fps is not None else "video's own rate.")
+        )
+
+
 def sample_frame_indices(
     num_frames: int,
     native_fps: float,
@@ -39,26 +71,12 @@ def sample_frame_indices(
             f"the video reports a frame rate of {native_fps} fps; re-encode it with a fixed frame rate "
             "(e.g. ffmpeg -i in.mp4 -r 30 out.mp4)."
         )
-    for name, value in (("start time", start_t), ("end time", end_t), ("sample fps", sample_fps)):
-        if not math.isfinite(value):
-            raise I2VEditError(f"{name} {value} is not a finite number; give an ordinary number.")
-    if start_t < 0:
-        raise I2VEditError(f"start time {start_t} s is negative; use a start time of 0 s or later.")
+    check_time_range(start_t, end_t, sample_fps, native_fps)
     if sample_fps > native_fps * (1 + 1e-6):
         raise I2VEditError(
             f"sample fps {sample_fps:g} is above the frame rate of the video ({native_fps:g} fps), so frames would be "
             f"repeated; use a sample fps of at most {native_fps:g}, or -1 for the video's own rate."
         )
-    if sample_fps != -1 and not sample_fps > 0:
-        raise I2VEditError(
-            f"sample fps {sample_fps} is not positive; use a positive sample fps, or -1 for the native "
-            f"{native_fps:g} fps."
-        )
-    if end_t != -1 and end_t < 0:
-        raise I2VEditError(
-            f"end time {end_t} s is negative; use a positive end time, or -1 for the whole video."
-        )
-
     duration = num_frames / native_fps
     end_t = duration if end_t == -1 else min(duration, end_t)
     if start_t >= end_t:

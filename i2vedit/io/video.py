@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import I2VEditError, VideoReadError
 from .files import atomic_write
-from .frames import sample_frame_indices
+from .frames import check_time_range, sample_frame_indices
 
 _CONVERT_HINT = "convert it to mp4 (H.264), e.g. ffmpeg -i input -c:v libx264 -pix_fmt yuv420p output.mp4"
 
@@ -118,35 +118,6 @@ def iter_video_frames(
         cap.release()
 
 
-def _check_times(start_t: float, end_t: float, sample_fps: float) -> None:
-    """Refuse a time range or sample rate that is not a finite number in range, before opening the video."""
-    for name, value, hint in (
-        ("start time", start_t, "seconds from the start, 0 or more"),
-        ("end time", end_t, "seconds from the start, or -1 for the end of the video"),
-        ("sample fps", sample_fps, "frames per second above 0, or -1 for the video's own rate"),
-    ):
-        try:
-            finite = math.isfinite(value)
-        except TypeError:
-            finite = False
-        if not finite:
-            raise I2VEditError(f"{name} {value} is not a finite number; give {hint}.")
-    if start_t < 0:
-        raise I2VEditError(f"start time {start_t:g} s is negative; use a start time of 0 s or later.")
-    if end_t != -1 and end_t <= 0:
-        raise I2VEditError(
-            f"end time {end_t:g} s is not after 0 s; give a later end time, or -1 for the end."
-        )
-    if end_t != -1 and start_t >= end_t:
-        raise I2VEditError(
-            f"start time {start_t:g} s is not before end time {end_t:g} s; give a start time before the end time."
-        )
-    if sample_fps != -1 and sample_fps <= 0:
-        raise I2VEditError(
-            f"sample fps {sample_fps:g} is not positive; use a positive sample fps, or -1 for the video's own rate."
-        )
-
-
 def read_video(
     path: str | os.PathLike,
     start_t: float = 0.0,
@@ -166,7 +137,7 @@ def read_video(
     _check_size(size)
     if max_frames is not None and max_frames < 1:
         raise I2VEditError(f"max frames {max_frames} is below 1; use at least 1, or None for no limit.")
-    _check_times(start_t, end_t, sample_fps)
+    check_time_range(start_t, end_t, sample_fps)  # before opening the file
     info = probe_video(path)
     indices = sample_frame_indices(info.num_frames, info.fps, start_t, end_t, sample_fps)
     if max_frames is not None:
@@ -207,8 +178,6 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> None:
         raise I2VEditError(
             f"{p} does not end in .mp4; write_video writes mp4, so give a path ending in .mp4."
         )
-    if not p.parent.is_dir():
-        raise I2VEditError(f"folder {p.parent} does not exist; create it first or choose an existing folder.")
     if not math.isfinite(fps) or fps <= 0:
         raise I2VEditError(f"frame rate {fps} fps is not positive; give a positive fps such as 8 or 30.")
     if frames.ndim != 4 or frames.shape[3] != 3 or frames.shape[0] < 1:

@@ -3,9 +3,10 @@
 While the branch is on, a target linear gives ``W x + dropout(B A x)`` (``B`` holds the file's
 alpha / rank and the strength; dropout acts on the branch output as the authors have it, only while
 training); while it is off, exactly ``W x``. A host calls ``add`` from each target linear's forward
-(a forward hook on the diffusers UNet, an object patch on
-ComfyUI's controlled clone) and switches the branch per model call, so the base model,
-every LoRA and a training run share one UNet; ``owner`` says whose LoRA the branch holds now.
+(a forward hook on the diffusers UNet, an object patch on ComfyUI's controlled clone) and
+switches the branch per model call, so the base model and every LoRA share one model (on diffusers
+a training run too; ComfyUI still trains on a clone of its own); ``owner`` says whose LoRA the
+branch holds now.
 """
 
 from __future__ import annotations
@@ -42,8 +43,19 @@ class LoRABranch:
                 for n, (o, _) in sorted(shapes.items())
             }
         self.on = False
-        self.dropout_p, self.dropout_on = 0.0, False
+        self.dropout = 0.0  # the branch-output dropout of the training step running now (0: none)
         self.owner: object | None = None  # whose LoRA the branch holds now
+
+    def fits(self, rank: int, target_set: str) -> bool:
+        return (self.rank, self.target_set) == (rank, target_set)
+
+    def take(self, owner: object, modules: Mapping[str, LoRAPair], strength: float = 1.0) -> None:
+        """Switch the branch on for ``owner``'s inference calls, loading its LoRA when another owner ran since."""
+        if self.owner is not owner:
+            self.load(modules, strength)
+            self.owner = owner
+        self.dropout = 0.0
+        self.on = True
 
     def add(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The output of target linear ``name`` for input ``x``, given its plain output ``out``."""
@@ -56,8 +68,8 @@ class LoRABranch:
         if down.device != x.device:  # the host offloaded its model (ComfyUI low-VRAM modes)
             down, up = down.to(x.device), up.to(x.device)
         branch = F.linear(F.linear(x.to(down.dtype), down), up)
-        if self.dropout_on and self.dropout_p > 0:
-            branch = F.dropout(branch, self.dropout_p, training=True)
+        if self.dropout > 0:
+            branch = F.dropout(branch, self.dropout, training=True)
         return out + branch.to(out.dtype)
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:

@@ -35,11 +35,13 @@ from ..errors import LoRAError, LoRAFileError
 from ..io.files import atomic_write, looks_pickled
 from .targets import (
     BLOCK_LINEARS,
+    DEFAULT_TARGET_SET,
     TARGET_SETS,
     check_naming,
     check_target_set,
     is_target,
     select_targets,
+    target_shapes,
     to_comfy_name,
 )
 
@@ -317,6 +319,13 @@ def validate_rank(rank: int, module_shapes: Mapping[str, tuple[int, int]]) -> in
     return rank
 
 
+def fitting_target_set(weights: LoRAWeights, unet: torch.nn.Module, naming: str = "comfy") -> str:
+    """The target set ``weights`` was trained on (the default when unrecorded), once checked to fit ``unet``."""
+    target_set = weights.resolved_target_set() or DEFAULT_TARGET_SET
+    check_lora_fits(weights, target_shapes(unet, target_set, naming), target_set, naming)
+    return target_set
+
+
 def check_lora_fits(
     weights: LoRAWeights,
     module_shapes: Mapping[str, tuple[int, int]],
@@ -397,17 +406,10 @@ def save_lora(
     p = _resolve(path, allowed_dirs, "save")
     if p.suffix.lower() != SUFFIX:
         raise LoRAFileError(f"{path} does not end in {SUFFIX}; motion LoRAs are saved as {SUFFIX} files.")
-    if p.is_dir():
-        raise LoRAFileError(f"{path} is a folder; give a file path ending in {SUFFIX}.")
-    if not p.parent.is_dir():
-        raise LoRAFileError(
-            f"folder {p.parent} does not exist; create it first or choose an existing folder."
-        )
     _check_weights(weights)
-    metadata = weights.metadata()
     # Private CPU copies: safetensors needs contiguous tensors that share no memory with each other.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.state_dict().items()}
-
+    metadata = weights.metadata()
     atomic_write(p, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "LoRA", error=LoRAFileError)
     return p
 

@@ -4,7 +4,7 @@ peft walks the diffusers UNet's ``named_modules()`` (down blocks, up blocks, the
 diffusers registers ``up_blocks`` before ``mid_block``); per target layer it builds
 ``nn.Linear(in, r)`` and ``nn.Linear(r, out)``, each Kaiming-initialised, then redraws A from
 N(0, 1/r²) and zeroes B. ``init_lora_pairs`` replays those draws, so a ComfyUI trainer and a
-diffusers trainer (also one reusing an already LoRA'd working copy) start from the same LoRA.
+diffusers trainer (also one reusing a branch another LoRA used) start from the same LoRA.
 """
 
 from __future__ import annotations

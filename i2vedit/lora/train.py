@@ -1,6 +1,6 @@
 """Motion LoRA training (coarse motion extraction, method.md §5), host-free.
 
-A host adapter (``LoRATrainable``) owns a private LoRA'd copy of the UNet and answers: the
+A host adapter (``LoRATrainable``) holds the LoRA on the host's model and answers: the
 trainable tensors by name, D(x; σ, cond) *with* gradients, and export/import of the LoRA as
 ``lora.file.LoRAPair`` by ComfyUI module name. This module owns everything else: the cosine-
 interpolated log-SNR σ sampler, the EDM x0 objective with weight (1 + σ²)/σ², conditioning on the

@@ -151,7 +151,7 @@ class StepCapture:
 class AttnCall:
     """One self-attention call as a host reports it."""
 
-    index: int  # position 0..15 (layers.POSITIONS)
+    index: int  # position 0..15 (svd.POSITIONS)
     temporal: bool
     heads: int
     chunks: list[str]  # kind of each batched chunk, in row order

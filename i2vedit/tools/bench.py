@@ -93,10 +93,8 @@ def _median_time(fn, reps: int) -> float:
 
 def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps: int = 5) -> dict[str, Any]:
     """Stored bytes (ours vs the authors'), matched/plain step time and peak memory of the largest layer."""
-    from ..hosts.diffusers.tiny import build_tiny_diffusers_host, sharpen_self_attention
-
     torch.manual_seed(0)
-    host = sharpen_self_attention(build_tiny_diffusers_host(seed=0))
+    host = tiny.sharpen_self_attention(tiny.build_tiny_diffusers_host(seed=0))
     g = torch.Generator().manual_seed(1)
     z = torch.randn(frames, 4, *latent_hw, generator=g)
     src, edit = _cond(1, latent_hw), _cond(2, latent_hw)
@@ -203,11 +201,10 @@ def bench_attention(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps
 def bench_lora(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), steps: int = 6) -> dict[str, Any]:
     """Seconds per training step and peak tensor memory on the tiny model, with and without checkpointing."""
     from ..hosts.diffusers.lora import DiffusersLoRATrainer
-    from ..hosts.diffusers.tiny import build_tiny_diffusers_host
     from ..lora.targets import lora_param_count, target_shapes
     from ..lora.train import TrainConfig, train_motion_lora
 
-    host = build_tiny_diffusers_host(seed=0)
+    host = tiny.build_tiny_diffusers_host(seed=0)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(frames, 4, *latent_hw, generator=g)
     first = torch.randn(1, 4, *latent_hw, generator=g)

@@ -23,7 +23,7 @@ import torch
 from ...errors import I2VEditError
 from ...host import FINGERPRINT_KEYS, SamplerFn, check_cfg, combine_cfg, sigma_scalar, weights_fingerprint
 from ...lora.branch import LoRABranch
-from ...lora.file import LoRAWeights, check_lora_fits
+from ...lora.file import LoRAWeights, fitting_target_set
 from ...lora.targets import target_shapes
 from ...method.controller import CONTROLLER_KEY
 from ...svd import COND, SVDCond, diffusers_to_comfy_key
@@ -65,9 +65,8 @@ class ComfySVDHost:
         base model and every LoRA host of this host then run one MODEL clone, so ComfyUI never
         re-patches weights or switches models between their calls.
         """
-        current = self.lora_branch
-        if current is not None and (current.rank, current.target_set) == (rank, target_set):
-            return current
+        if self.lora_branch is not None and self.lora_branch.fits(rank, target_set):
+            return self.lora_branch
         shapes = target_shapes(self.patcher.model.diffusion_model, target_set, "comfy")
         self.lora_branch = LoRABranch(shapes, rank, target_set, self.patcher.load_device)
         self._controlled = None
@@ -229,32 +228,22 @@ class ComfyLoRAHost(ComfySVDHost):
     """
 
     def __init__(self, base: ComfySVDHost, weights: LoRAWeights, strength: float = 1.0) -> None:
-        self.target_set = weights.resolved_target_set() or "temporal"
-        check_lora_fits(
-            weights,
-            target_shapes(base.patcher.model.diffusion_model, self.target_set, "comfy"),
-            self.target_set,
-        )
-        self.base, self.weights, self.strength = base, weights, strength
+        self.target_set = fitting_target_set(weights, base.patcher.model.diffusion_model)
+        self.base, self.weights, self.strength, self.rank = base, weights, strength, weights.rank
         self.patcher, self.clip_vision, self.vae = base.patcher, base.clip_vision, base.vae
-        self.lora_branch = None
 
     @property
     def controlled_patcher(self) -> comfy.model_patcher.ModelPatcher:
-        self.base.attach_branch(self.weights.rank, self.target_set)
+        self.base.attach_branch(self.rank, self.target_set)
         return self.base.controlled_patcher
 
     def _patcher(self, controlled: bool) -> comfy.model_patcher.ModelPatcher:
-        # always the clone the branch lives on; without a controller its patches compute ComfyUI's attention
-        return self.controlled_patcher
+        # always the clone the branch lives on (``_switch_branch`` attached it); without a controller its
+        # patches compute ComfyUI's attention
+        return self.base.controlled_patcher
 
     def _switch_branch(self) -> None:
-        branch = self.base.attach_branch(self.weights.rank, self.target_set)
-        if branch.owner is not self:
-            branch.load(self.weights.modules, self.strength)
-            branch.owner = self
-        branch.dropout_on = False
-        branch.on = True
+        self.base.attach_branch(self.rank, self.target_set).take(self, self.weights.modules, self.strength)
 
     def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
         return self.base.lora_trainer(rank, target_set, dropout, **kw)

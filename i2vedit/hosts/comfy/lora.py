@@ -45,7 +45,7 @@ Training (``ComfyLoRATrainer``, a ``host.LoRATrainable``):
   training clone. ``transformer_options`` is mutated while the UNet runs (``block``,
   ``block_index``), so the recomputation in backward gets a copy of the dict as it was on entry.
 
-Loading a saved LoRA (``comfy_lora_model``) goes through ComfyUI's stock
+A saved LoRA as a MODEL for other nodes (``comfy_lora_model``) goes through ComfyUI's stock
 ``comfy.sd.load_lora_for_models``, the code path of ``LoraLoaderModelOnly``, and refuses a file of
 which ComfyUI left any key unloaded. Import this module only inside ComfyUI.
 """
@@ -72,8 +72,8 @@ import torch.utils.checkpoint
 from ...errors import LoRAError
 from ...host import sigma_scalar
 from ...lora.branch import exported_pairs, fitted_pairs
-from ...lora.file import LoRAPair, LoRAWeights, check_lora_fits, validate_rank
-from ...lora.peft_init import init_lora_pairs, peft_init_order
+from ...lora.file import LoRAPair, LoRAWeights, fitting_target_set, validate_rank
+from ...lora.peft_init import init_lora_pairs
 from ...lora.targets import target_shapes
 from ...svd import SVDCond
 from .patches import DirectSampler, check_svd_model, to_conditioning, with_attention_control
@@ -225,7 +225,7 @@ class ComfyLoRATrainer:
                 key = f"{PREFIX}{name}.forward"
                 patcher.add_object_patch(key, _checkpointed(patcher.get_model_object(key)))
         if base.model_dtype() != torch.float32:
-            patcher.set_model_compute_dtype(torch.float32)  # like the diffusers trainer's fp32 copy
+            patcher.set_model_compute_dtype(torch.float32)  # LoRA gradients in fp32, as the diffusers branch
         self._grad_flags = _GradFlags()
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, self._grad_flags.restore)
         weakref.finalize(patcher, self._grad_flags.restore)
@@ -376,9 +376,7 @@ def comfy_lora_model(
     unloaded (from ComfyUI's own warnings, and by checking a patch was added for every layer).
     """
     patcher = check_svd_model(model)
-    target_set = weights.resolved_target_set() or "temporal"
-    shapes = target_shapes(patcher.model.diffusion_model, target_set, "comfy")
-    check_lora_fits(weights, shapes, target_set)
+    fitting_target_set(weights, patcher.model.diffusion_model)
     state_dict = weights.state_dict()
     with _capture_unloaded() as log:
         new_model, _ = comfy.sd.load_lora_for_models(model, None, state_dict, strength, 0)
@@ -397,10 +395,4 @@ def comfy_lora_model(
     return new_model
 
 
-__all__ = [
-    "ComfyLoRATrainer",
-    "comfy_lora_model",
-    "init_lora_pairs",
-    "peft_init_order",
-    "replace_inference_tensors",
-]
+__all__ = ["ComfyLoRATrainer", "comfy_lora_model", "replace_inference_tensors"]

@@ -17,12 +17,12 @@ from transformers import CLIPVisionModelWithProjection
 from ...errors import I2VEditError
 from ...host import FINGERPRINT_KEYS, CFGDenoiser, SamplerFn, sigma_scalar, weights_fingerprint
 from ...lora.branch import LoRABranch
-from ...lora.file import LoRAWeights, check_lora_fits
+from ...lora.file import LoRAWeights, fitting_target_set
 from ...lora.targets import target_shapes, to_comfy_name
 from ...method import edm
 from ...svd import COND, SVDCond
-from .lora import DiffusersLoRATrainer, attach_branch
-from .processors import install_attention_control
+from .lora import DiffusersLoRATrainer
+from .processors import branch_hook, install_attention_control
 
 # OpenAI CLIP's pixel normalisation, which SVD's image encoder was trained with
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -33,7 +33,7 @@ class DiffusersSVDHost:
     """SVD through diffusers modules; see ``i2vedit.host`` for the protocol's conventions."""
 
     name = "diffusers"
-    lora_branch: LoRABranch | None = None  # the motion-LoRA branch on the UNet (``lora.attach_branch``)
+    lora_branch: LoRABranch | None = None  # the motion-LoRA branch on the UNet (``attach_branch``)
     lora_hooks: Sequence[RemovableHandle] = ()  # its forward hooks on the target linears
 
     def __init__(
@@ -97,18 +97,24 @@ class DiffusersSVDHost:
         conds: Sequence[SVDCond],
         transformer_options: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        return self.denoise_with_grad(x, sigma, conds, transformer_options)
-
-    def denoise_with_grad(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor | float,
-        conds: Sequence[SVDCond],
-        transformer_options: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        """``denoise`` without switching gradients off, for training."""
         self._switch_branch()
         return self.run_unet(x, sigma, conds, transformer_options)
+
+    def attach_branch(self, rank: int, target_set: str) -> LoRABranch:
+        """This host's LoRA branch for ``rank`` / ``target_set``: forward hooks on its UNet's target linears,
+        made on first use; a branch of another rank or target set is detached first (one per UNet)."""
+        if self.lora_branch is not None and self.lora_branch.fits(rank, target_set):
+            return self.lora_branch
+        for handle in self.lora_hooks:
+            handle.remove()
+        self.lora_branch, self.lora_hooks = None, []
+        shapes = target_shapes(self.unet, target_set, "diffusers")
+        names = {n: to_comfy_name(n) for n in shapes}
+        branch = LoRABranch({names[n]: s for n, s in shapes.items()}, rank, target_set, self.device)
+        modules = dict(self.unet.named_modules())
+        self.lora_hooks = [modules[n].register_forward_hook(branch_hook(branch, names[n])) for n in shapes]
+        self.lora_branch = branch
+        return branch
 
     def _switch_branch(self) -> None:
         """The base model's calls run without any motion LoRA."""
@@ -220,19 +226,11 @@ class DiffusersSVDHost:
         return ((out + 1.0) * 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
-class DiffusersLoRAHost(DiffusersSVDHost):
-    """``base``'s model with a motion LoRA: ``base``'s own UNet with the branch switched on.
+class _OnBase(DiffusersSVDHost):
+    """A view of ``base``'s model with some LoRA switched on: ``base``'s UNet, VAE and image encoder."""
 
-    Before each model call it loads its LoRA into the branch, unless the branch holds it already.
-    """
-
-    def __init__(self, base: DiffusersSVDHost, weights: LoRAWeights, strength: float = 1.0) -> None:
-        self.target_set = weights.resolved_target_set() or "temporal"
-        shapes = {
-            to_comfy_name(n): s for n, s in target_shapes(base.unet, self.target_set, "diffusers").items()
-        }
-        check_lora_fits(weights, shapes, self.target_set)
-        self.base, self.weights, self.strength = base, weights, strength
+    def __init__(self, base: DiffusersSVDHost) -> None:
+        self.base = base
         self.unet, self.vae, self.image_encoder, self.dtype = (
             base.unet,
             base.vae,
@@ -240,15 +238,6 @@ class DiffusersLoRAHost(DiffusersSVDHost):
             base.dtype,
         )
         self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
-
-    def _switch_branch(self) -> None:
-        branch = attach_branch(self.base, self.weights.rank, self.target_set)
-        if branch.owner is not self:
-            branch.load(self.weights.modules, self.strength)
-            branch.owner = self
-        branch.dropout_on = False
-        self.unet.train(False)
-        branch.on = True
 
     def lora_trainer(
         self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any
@@ -259,18 +248,30 @@ class DiffusersLoRAHost(DiffusersSVDHost):
         return self.base.with_lora(weights, strength)
 
 
-class DiffusersTrainingHost(DiffusersSVDHost):
+class DiffusersLoRAHost(_OnBase):
+    """``base``'s model with a motion LoRA: ``base``'s own UNet with the branch switched on.
+
+    Before each model call it loads its LoRA into the branch, unless the branch holds it already.
+    """
+
+    def __init__(self, base: DiffusersSVDHost, weights: LoRAWeights, strength: float = 1.0) -> None:
+        super().__init__(base)
+        self.target_set = fitting_target_set(weights, base.unet, "diffusers")
+        self.weights, self.strength, self.rank = weights, strength, weights.rank
+
+    def _switch_branch(self) -> None:
+        branch = self.base.attach_branch(self.rank, self.target_set)
+        if branch.owner is not self:
+            self.unet.train(False)  # a trainer may have left it in training mode
+        branch.take(self, self.weights.modules, self.strength)
+
+
+class DiffusersTrainingHost(_OnBase):
     """``base``'s model with the LoRA a trainer holds now, live (``DiffusersLoRATrainer.host``)."""
 
     def __init__(self, base: DiffusersSVDHost, trainer: DiffusersLoRATrainer) -> None:
-        self.base, self.trainer = base, trainer
-        self.unet, self.vae, self.image_encoder, self.dtype = (
-            base.unet,
-            base.vae,
-            base.image_encoder,
-            base.dtype,
-        )
-        self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
+        super().__init__(base)
+        self.trainer = trainer
 
     def _switch_branch(self) -> None:
         branch = self.base.lora_branch
@@ -278,13 +279,5 @@ class DiffusersTrainingHost(DiffusersSVDHost):
             raise I2VEditError(
                 "another LoRA of this model ran since this training; load the trained LoRA instead."
             )
-        branch.dropout_on = False
+        branch.dropout = 0.0
         branch.on = True
-
-    def lora_trainer(
-        self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any
-    ) -> DiffusersLoRATrainer:
-        return self.base.lora_trainer(rank, target_set, dropout, **kw)
-
-    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> DiffusersSVDHost:
-        return self.base.with_lora(weights, strength)

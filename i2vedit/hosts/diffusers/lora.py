@@ -1,6 +1,6 @@
 """Motion LoRA for the diffusers host: one branch on the host's own UNet (``lora.branch.LoRABranch``).
 
-A host attaches at most one branch, on first use (``attach_branch``): forward hooks on the target
+A host attaches at most one branch, on first use (``DiffusersSVDHost.attach_branch``): forward hooks on the target
 linears of its UNet, so no copy of the UNet is ever made and its module tree and state dict stay
 as they are. The base host switches the branch off for its calls (exactly the base model); a LoRA
 host loads its weights into it (only when another user ran since) and switches it on; a trainer
@@ -15,42 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import I2VEditError
-from ...lora.branch import LoRABranch
 from ...lora.file import LoRAPair
 from ...lora.peft_init import init_lora_pairs
-from ...lora.targets import target_shapes, to_comfy_name
 from ...svd import SVDCond
 
 if TYPE_CHECKING:
     from .host import DiffusersSVDHost
-
-
-def attach_branch(host: DiffusersSVDHost, rank: int, target_set: str) -> LoRABranch:
-    """``host``'s LoRA branch for ``rank`` / ``target_set``, attached to its UNet on first use.
-
-    A branch of another rank or target set is detached first, so a UNet carries at most one.
-    """
-    current = host.lora_branch
-    if current is not None and (current.rank, current.target_set) == (rank, target_set):
-        return current
-    for handle in host.lora_hooks:
-        handle.remove()
-    host.lora_branch, host.lora_hooks = None, []
-    shapes = target_shapes(host.unet, target_set, "diffusers")
-    branch = LoRABranch({to_comfy_name(n): s for n, s in shapes.items()}, rank, target_set, host.device)
-    modules = dict(host.unet.named_modules())
-    host.lora_hooks = [
-        modules[n].register_forward_hook(_branch_hook(branch, to_comfy_name(n))) for n in shapes
-    ]
-    host.lora_branch = branch
-    return branch
-
-
-def _branch_hook(branch: LoRABranch, name: str) -> Any:
-    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        return branch.add(name, inputs[0], output)
-
-    return hook
 
 
 class DiffusersLoRATrainer:
@@ -75,7 +45,7 @@ class DiffusersLoRATrainer:
         self.rank, self.target_set, self.p = rank, target_set, dropout
         self.autocast_dtype = autocast_dtype
         self._host = host
-        self._branch = attach_branch(host, rank, target_set)
+        self._branch = host.attach_branch(rank, target_set)
         self._branch.load(init_lora_pairs(self._branch.shapes, rank, init_seed))
         self._branch.owner = self
         unet = host.unet
@@ -100,7 +70,7 @@ class DiffusersLoRATrainer:
     def set_dropout(self, active: bool) -> None:
         """Called before each step and after the last: also drops the previous step's controller."""
         self._host.release_call_options()
-        self._branch.dropout_p, self._branch.dropout_on = self.p, active
+        self._branch.dropout = self.p if active else 0.0
         self._host.unet.train(active)  # diffusers checkpoints only in training mode
 
     def train_denoise(
@@ -125,4 +95,4 @@ class DiffusersLoRATrainer:
         self._branch.owner = self
 
 
-__all__ = ["DiffusersLoRATrainer", "attach_branch"]
+__all__ = ["DiffusersLoRATrainer"]

@@ -4,11 +4,14 @@ own attention without one."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from diffusers import UNetSpatioTemporalConditionModel
 
 from ...errors import I2VEditError
+from ...lora.branch import LoRABranch
 from ...method.attention import sdpa_attention
 from ...method.controller import CONTROLLER_KEY, AttnCall, chunk_kinds
 from ...svd import POSITIONS
@@ -52,7 +55,7 @@ def install_attention_control(unet: UNetSpatioTemporalConditionModel) -> _CallOp
     """Give the UNet's 16 spatial and 16 temporal self-attention layers controllable processors (once).
 
     The processors compute what diffusers' default does unless a call's options hold a controller.
-    The options box travels with the UNet (a deep copy gets its own), so hosts find it there.
+    The options box travels with the UNet, so every host of that UNet finds it there.
     """
     box = getattr(unet, "_i2v_call_options", None)
     if box is None:
@@ -62,3 +65,12 @@ def install_attention_control(unet: UNetSpatioTemporalConditionModel) -> _CallOp
                 unet.get_submodule(name).set_processor(ControlledSelfAttention(box, pos.index, temporal))
         unet._i2v_call_options = box
     return box
+
+
+def branch_hook(branch: LoRABranch, name: str) -> Callable[..., torch.Tensor]:
+    """A forward hook for target linear ``name`` that adds the motion-LoRA ``branch`` to its output."""
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return branch.add(name, inputs[0], output)
+
+    return hook
