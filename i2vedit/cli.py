@@ -21,6 +21,7 @@ from .errors import I2VEditError, ModelFileError
 from .io.files import atomic_write, writable_folder, write_text_atomic
 from .method.controller import PRESETS, MatchConfig
 from .method.inversion import MEMORY_MODES
+from .run.pipeline import MAX_CFG, MAX_CHUNK
 
 DEMO_SIZE = (128, 192)
 DEMO_FRAMES = 10
@@ -502,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--preset", choices=sorted(PRESETS), default="local",
                       help="edit kind: local (object/colour), style (global, same shapes), shape (big shape change)")  # fmt: skip
     edit.add_argument("--no-matching", action="store_true", help="plain denoising from the inversion")
-    edit.add_argument("--chunk", type=_int_in(2, 64), default=14,
+    edit.add_argument("--chunk", type=_int_in(2, MAX_CHUNK), default=14,
                       help="frames per clip (default 14, SVD's length)")  # fmt: skip
     edit.add_argument("--sample-fps", type=finite_float, default=-1,
                       help="resample the video to this rate, at most the video's own (-1: keep)")  # fmt: skip
@@ -514,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--lora-steps", type=_int_in(0), default=250, help="motion LoRA steps per clip (0: no LoRA)"
     )
-    edit.add_argument("--max-cfg", type=_float_in(1.0, 50.0), default=2.0,
+    edit.add_argument("--max-cfg", type=_float_in(1.0, MAX_CFG), default=2.0,
                       help="CFG at the last frame, ramping from 1 at the first (default 2; 1 to 50)")  # fmt: skip
     edit.add_argument("--size", type=_int_in(1), nargs=2, metavar=("H", "W"),
                       help=f"generation size, multiples of 64 up to {MAX_SIDE} (SVD's native size: 576 1024)")  # fmt: skip

@@ -18,7 +18,7 @@ from comfy_api.latest import io
 
 from ..i2vedit.errors import I2VEditError
 from ..i2vedit.hosts.comfy.host import ComfySVDHost
-from ..i2vedit.io.frames import ResizePlan
+from ..i2vedit.io.frames import ResizePlan, nonfinite_frames
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.inversion import Inversion
 from ..i2vedit.method.matching import MatchedClip, MatchedResult
@@ -169,15 +169,6 @@ def check_frames(frames: torch.Tensor, what: str = "frames") -> torch.Tensor:
             "nothing was computed here."
         )
     return frames[..., :3]
-
-
-def nonfinite_frames(frames: torch.Tensor) -> list[int]:
-    """Indices of the frames holding NaN or ±inf (one reduction per frame, no full-size temporary)."""
-    if not frames.is_floating_point():
-        return []
-    sums = frames.float().sum(dim=tuple(range(1, frames.ndim)))
-    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()  # a finite frame can overflow the sum
-    return [i for i in suspects if not bool(torch.isfinite(frames[i]).all())]
 
 
 def checkpoint_inputs(model_tooltip: str) -> list[io.Input]:

@@ -15,7 +15,15 @@ from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.controller import PRESETS, MatchConfig
 from ..i2vedit.method.inversion import MEMORY_MODES
 from ..i2vedit.method.skip_interval import SkipInterval
-from ..i2vedit.run.pipeline import EditSettings, edit_frames, training_hw, video_clip_ranges
+from ..i2vedit.run.pipeline import (
+    MAX_CHUNK,
+    MAX_LORA_STEPS,
+    MAX_STEPS,
+    EditSettings,
+    edit_frames,
+    training_hw,
+    video_clip_ranges,
+)
 from ..i2vedit.run.stages import denoise_time_ids, edit_clip
 from ..i2vedit.seeds import Purpose, generator
 from ..i2vedit.svd import LATENT_SCALE
@@ -81,14 +89,10 @@ class VideoProgress(StepProgress):
     def __init__(self, clip_steps: list[int], preview_model=None) -> None:
         super().__init__(sum(clip_steps), preview_model)
         self.starts = list(itertools.accumulate(clip_steps, initial=0))  # steps before each clip
-        self.clip = 0
 
     def stage(self, event: dict) -> None:
         """``edit_video``'s stage report: on reaching a later clip, credit the earlier clips in full."""
-        clip = int(event.get("clip", 0))
-        if clip > self.clip:
-            self.clip = clip
-            self._raise_to(self.starts[min(clip, len(self.starts) - 1)])
+        self._raise_to(self.starts[min(int(event.get("clip", 0)), len(self.starts) - 1)])  # never lowers
 
     def finish(self) -> None:
         self._raise_to(self.total)
@@ -296,16 +300,18 @@ class EditVideo(io.ComfyNode):
                     "clip_length",
                     default=14,
                     min=2,
-                    max=64,
+                    max=MAX_CHUNK,
                     tooltip="Frames per clip: 14 for svd, up to 25 for svd_xt.",
                 ),
-                io.Int.Input("steps", default=25, min=2, max=1000, tooltip="Inversion and denoising steps."),
+                io.Int.Input(
+                    "steps", default=25, min=2, max=MAX_STEPS, tooltip="Inversion and denoising steps."
+                ),
                 io.Combo.Input("preset", options=PRESET_NAMES, default="local", tooltip=PRESET_TOOLTIP),
                 io.Int.Input(
                     "lora_steps",
                     default=250,
                     min=0,
-                    max=100000,
+                    max=MAX_LORA_STEPS,
                     tooltip="Motion LoRA steps per clip; 0 = no LoRA (faster, weaker motion).",
                 ),
                 io.Int.Input("lora_rank", default=32, min=1, max=512, tooltip="Motion LoRA rank."),

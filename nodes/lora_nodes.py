@@ -17,9 +17,8 @@ from ..i2vedit.hosts.comfy.lora import PREFIX, comfy_lora_model
 from ..i2vedit.lora.file import LoRAWeights, load_lora, save_lora
 from ..i2vedit.lora.targets import TARGET_SETS
 from ..i2vedit.lora.train import LoRATrainingError, TrainConfig
-from ..i2vedit.run.stages import train_clip_lora
+from ..i2vedit.run.stages import train_clip_lora, training_inputs
 from ..i2vedit.seeds import train_seed
-from ..i2vedit.svd import LATENT_SCALE
 from .common import (
     CATEGORY,
     LORA_FOLDER,
@@ -222,7 +221,7 @@ class TrainMotionLoRA(io.ComfyNode):
         with tempfile.TemporaryDirectory(prefix="i2vedit-train-") as ckpt:
             try:
                 result = train_clip_lora(
-                    host, inv.trajectory[0], inv.trajectory[0][:1] / LATENT_SCALE, inv.cond.clip_embed, config,
+                    host, *training_inputs(inv), config,
                     clip_index, kv, checkpoint_dir=ckpt, should_stop=progress.should_stop, callback=progress.soft_step,
                     gradient_checkpointing=gradient_checkpointing,
                 )  # fmt: skip

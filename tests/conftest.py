@@ -52,23 +52,27 @@ def tiny_diffusers_host():
 def sharpen_self_attention(host, factor: float = 3.0):
     """Peaked attention for random-weight tests (architecture.md, "Testing"), on either host.
 
-    The diffusers host has its own (``hosts.diffusers.tiny.sharpen_self_attention``); the same
-    scaling is applied to the ComfyUI host's modules by their names.
+    The diffusers host has its own (``hosts.diffusers.tiny.sharpen_self_attention``), the ComfyUI
+    host one in ``fixtures.tiny_comfy``.
     """
-    import torch
-
-    from i2vedit.svd import POSITIONS
-
     if hasattr(host, "unet"):
         from i2vedit.hosts.diffusers.tiny import sharpen_self_attention as sharpen_diffusers
 
         return sharpen_diffusers(host, factor)
-    root = host.patcher.model.diffusion_model
-    with torch.no_grad():
-        for name in (n for p in POSITIONS for n in (p.comfy_spatial, p.comfy_temporal)):
-            for proj in ("to_q", "to_k"):
-                root.get_submodule(f"{name}.{proj}").weight.mul_(factor)
+    from fixtures.tiny_comfy import sharpen_comfy_self_attention
+
+    sharpen_comfy_self_attention(host.patcher, factor)
     return host
+
+
+def unet_count() -> int:
+    """diffusers UNets alive now (after a collection): a copy of the model shows."""
+    import gc
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    gc.collect()
+    return sum(isinstance(o, UNetSpatioTemporalConditionModel) for o in gc.get_objects())
 
 
 def align_groupnorm_eps(diffusers_host):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import unet_count
 
 from i2vedit.errors import I2VEditError, LoRAError
 from i2vedit.hosts.diffusers.lora import DiffusersLoRATrainer
@@ -225,17 +226,9 @@ def test_a_kv_source_of_another_model_is_refused_before_the_first_step(host):
 def test_trainers_and_lora_hosts_of_one_host_share_its_one_unet():
     """No UNet copy at all: the base model, every trainer and every LoRA host run the user's UNet, the LoRA a
     branch switched per call; with the branch off the base model is exactly what it was before any LoRA."""
-    import gc
-
-    from diffusers import UNetSpatioTemporalConditionModel
-
     base = build_tiny_diffusers_host(seed=0)
 
-    def unets() -> int:
-        gc.collect()
-        return sum(isinstance(o, UNetSpatioTemporalConditionModel) for o in gc.get_objects())
-
-    before = unets()
+    before = unet_count()
     z, first, emb = clip_latents()
     cond = trainer_cond(first, emb)
     x = torch.randn(F, 4, H, W, generator=torch.Generator().manual_seed(2))
@@ -249,7 +242,7 @@ def test_trainers_and_lora_hosts_of_one_host_share_its_one_unet():
     ).weights
     h1, h2 = base.with_lora(w1), base.with_lora(w2)
     outs = [h.denoise(x, 1.5, [cond]) for h in (h1, h2, h1, h2)]
-    assert unets() == before
+    assert unet_count() == before
     assert torch.equal(base.denoise(x, 1.5, [cond]), plain), "branch off: exactly the base model"
     after = base.unet.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import unet_count
 
 from i2vedit.errors import I2VEditError
 from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
@@ -294,24 +295,16 @@ def test_a_two_clip_edit_runs_on_the_one_unet_it_was_given(video):
 
     Was: every LoRA host and trainer deep-copied the UNet (three or four alive), then one shared copy.
     """
-    import gc
-
-    from diffusers import UNetSpatioTemporalConditionModel
-
     frames, edits = video
     host = build_tiny_diffusers_host(seed=0)
-
-    def unets() -> int:
-        gc.collect()
-        return sum(isinstance(o, UNetSpatioTemporalConditionModel) for o in gc.get_objects())
 
     counts: dict[str, int] = {}
 
     def count(info: dict) -> None:
         key = f"{info['clip']}:{info['stage']}"
-        counts[key] = max(counts.get(key, 0), unets())
+        counts[key] = max(counts.get(key, 0), unet_count())
 
-    before = unets()
+    before = unet_count()
     result = edit_video(host, frames, 8.0, edits[:1], SETTINGS, step_callback=count)
     assert result.report["clips"] == 2
     assert {"0:invert", "0:lora", "0:denoise", "1:invert", "1:lora", "1:denoise"} <= set(counts)

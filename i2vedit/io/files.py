@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import I2VEditError
@@ -152,3 +153,14 @@ def save_safetensors_atomic(
     """Write a safetensors file atomically (see ``atomic_write``): never a half-written file."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), "safetensors file")
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A stored safetensors file's tensors and metadata; ``I2VEditError`` when it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
+    except (OSError, SafetensorError) as e:
+        raise I2VEditError(f"it is damaged ({e})") from e
+    return tensors, meta

@@ -338,3 +338,12 @@ def make_resize_plan(
     top = (dst_h - content_h) // 2
     left = (dst_w - content_w) // 2
     return ResizePlan(src_h, src_w, dst_h, dst_w, mode, top, left, content_h, content_w, fill)
+
+
+def nonfinite_frames(frames: torch.Tensor) -> list[int]:
+    """Indices of the frames holding NaN or ±inf (one reduction per frame, no full-size temporary)."""
+    if not frames.is_floating_point():
+        return []
+    sums = frames.float().sum(dim=tuple(range(1, frames.ndim)))
+    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()  # a finite frame can overflow the sum
+    return [i for i in suspects if not bool(torch.isfinite(frames[i]).all())]

@@ -92,14 +92,8 @@ class Inversion:
             total += sum(c.nbytes() for c in self.captures)
         return total
 
-    def check_fits(self, frames: int, latent_hw: tuple[int, int], fingerprint: str, what: str) -> None:
-        """Raise before any sampling if this inversion cannot serve a clip of this shape and model."""
-        if (self.frames, self.latent_hw) != (frames, latent_hw):
-            raise I2VEditError(
-                f"{what} comes from a clip of {self.frames} frames at latent {self.latent_hw[0]}×"
-                f"{self.latent_hw[1]}, but this clip has {frames} frames at {latent_hw[0]}×{latent_hw[1]}; "
-                "invert this clip at this resolution and frame count."
-            )
+    def check_model(self, fingerprint: str, what: str) -> None:
+        """Raise before any sampling if this inversion was made with another model."""
         if self.fingerprint != fingerprint:
             raise I2VEditError(
                 f"{what} was made with another model ({self.fingerprint}) than this one ({fingerprint}); "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import I2VEditError
-from ..host import SVDHost, cfg_ramp, check_cfg, combine_cfg
+from ..host import CFGDenoiser, SVDHost, cfg_ramp, check_cfg
 from ..svd import SVDCond
 from .controller import (
     AttentionController,
@@ -105,7 +105,7 @@ class MatchedClip:
             cond.check(inversion.x_T)
         except I2VEditError as e:
             raise I2VEditError(f"the edited first frame does not fit the inversion: {e}") from None
-        inversion.check_fits(frames, hw, self.source_host.fingerprint(), "the inversion")
+        inversion.check_model(self.source_host.fingerprint(), "the inversion")
         if self.host is not self.source_host and self.host.fingerprint() != inversion.fingerprint:
             raise I2VEditError(
                 "the edit model and the source model must share base weights (one SVD checkpoint)."
@@ -129,6 +129,7 @@ class MatchedClip:
                     "this clip; its K/V cannot line up with this clip's branches."
                 )
         self.uncond = cond.unconditional() if self.cfg is not None else None
+        self.model = CFGDenoiser(host, cond, self.uncond, self.cfg)  # the edit branch's denoiser
         self.sigmas = inversion.denoise_sigmas()
 
     @property
@@ -154,12 +155,7 @@ class MatchedClip:
         kv = self.skip_kv.at(PHASE_DENOISE, step) if self.skip_kv is not None else None
         ctrl.begin_step(step, self.steps, reference=self.reference(step), skip_kv=kv)
         opts = step_options(ctrl, step, self.steps, PHASE_DENOISE)
-        sigma = self.sigmas[step]
-        if self.cfg is None or self.uncond is None:
-            out = self.host.denoise(x, sigma, [self.cond], opts)[0]
-        else:
-            both = self.host.denoise(x, sigma, [self.uncond, self.cond], opts)
-            out = combine_cfg(both[0], both[1], self.cfg)
+        out = self.model(x, self.sigmas[step], model_options={"transformer_options": opts})
         return out, ctrl.take()
 
     def run(self, capture_kv: bool = False, callback: StepCallback | None = None) -> MatchedResult:

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 class KVProvider:
     """The first clip's temporal K/V for a later clip, by phase and step."""
 
-    frames: int
     latent_hw: tuple[int, int]
     fingerprint: str
 
@@ -58,11 +57,7 @@ class SourceKV(KVProvider):
         if inversion.skip_kv is not None:
             raise I2VEditError("the skip-interval K/V source must be the first clip's own inversion.")
         self.host, self.inversion, self.store_dtype = host, inversion, store_dtype
-        self.frames, self.latent_hw, self.fingerprint = (
-            inversion.frames,
-            inversion.latent_hw,
-            inversion.fingerprint,
-        )
+        self.latent_hw, self.fingerprint = inversion.latent_hw, inversion.fingerprint
         caps = inversion.captures
         self.cached = caps is not None and all(c.kv for c in caps)
 
@@ -93,7 +88,7 @@ class EditKV(KVProvider):
             raise I2VEditError("the skip-interval K/V source must be the first clip's own denoising.")
         self.clip, self.result = clip, result
         inv = clip.inversion
-        self.frames, self.latent_hw, self.fingerprint = inv.frames, inv.latent_hw, inv.fingerprint
+        self.latent_hw, self.fingerprint = inv.latent_hw, inv.fingerprint
         self.cfg_branches = 1 if clip.cfg is None else 2
 
     def at(self, phase: str, step: int) -> StepCapture:

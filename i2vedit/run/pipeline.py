@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,14 @@ import torch
 
 from ..errors import I2VEditError
 from ..host import SVDHost
-from ..io.files import save_safetensors_atomic
+from ..io.files import read_tensors, save_safetensors_atomic
 from ..io.frames import (
     ResizeMode,
     check_size,
     clip_ranges,
     fit_size,
     make_resize_plan,
+    nonfinite_frames,
     resize_frames,
     stitch_clips,
 )
@@ -50,7 +51,7 @@ from ..method.sarp import sarp
 from ..method.skip_interval import SkipInterval
 from ..seeds import Purpose, derived_seed, generator, train_seed
 from ..svd import LATENT_SCALE
-from .reuse import ReuseFolder, ReuseStore, Span, chain_key, edit_key, read_tensors
+from .reuse import ReuseFolder, ReuseStore, Span, chain_key, edit_key
 from .stages import (
     ClipEdit,
     cond_from,
@@ -60,7 +61,9 @@ from .stages import (
     encode_source,
     load_inversion,
     save_inversion,
+    source_latents,
     train_clip_lora,
+    training_inputs,
 )
 
 log = logging.getLogger("i2vedit")
@@ -213,7 +216,7 @@ def _check_inputs(frames: torch.Tensor, fps: float, edits: list[torch.Tensor]) -
         raise I2VEditError(f"frames must be an IMAGE batch (N, H, W, 3), got {tuple(frames.shape)}.")
     n, height, width, _ = frames.shape
     check_size(height, width)
-    if not bool(torch.isfinite(frames).all()):
+    if nonfinite_frames(frames):
         raise I2VEditError("the video frames hold NaN or inf values; give frames in [0, 1].")
     if not edits:
         raise I2VEditError("give at least one edited first frame.")
@@ -223,7 +226,7 @@ def _check_inputs(frames: torch.Tensor, fps: float, edits: list[torch.Tensor]) -
                 f"edited frame {e} is {tuple(img.shape)}, the video is (1, {height}, {width}, 3); use edit_frames, "
                 "which resizes it, or resize it to the video's size."
             )
-        if not bool(torch.isfinite(img).all()):
+        if nonfinite_frames(img):
             raise I2VEditError(f"edited frame {e} holds NaN or inf values; give an image in [0, 1].")
     if not (isinstance(fps, int | float) and math.isfinite(fps) and fps > 0):
         raise I2VEditError(f"frame rate must be a positive number, got {fps}.")
@@ -255,19 +258,18 @@ def edit_video(
     train_hw = training_hw(height, width, settings)
     check_size(*train_hw)
     fingerprint = host.fingerprint()
-    identity = {
-        "format": FORMAT, "video": _digest(frames), "model": fingerprint, "settings": settings.identity(),
-        "frames": n, "size": [height, width],
-    }  # fmt: skip
-    folder = ReuseFolder(reuse_dir, identity) if reuse_dir is not None else None
+    folder = None
+    if reuse_dir is not None:
+        identity = {
+            "format": FORMAT, "video": _digest(frames), "model": fingerprint, "settings": settings.identity(),
+            "frames": n, "size": [height, width],
+        }  # fmt: skip
+        folder = ReuseFolder(reuse_dir, identity)
     run = _Run(host, fingerprint, frames, fps, edits, settings, ReuseStore(folder), train_hw, ranges,
                progress, should_stop, step_callback)  # fmt: skip
-    try:
+    with folder if folder is not None else nullcontext():
         for i in range(len(ranges)):
             run.clip(i)
-    finally:
-        if folder is not None:
-            folder.release()
     report = {
         "frames": n, "clips": len(ranges), "clip_ranges": ranges, "edits": len(edits), "size": [height, width],
         "train_size": list(train_hw), "seconds": run.timer.seconds, "calls": run.timer.counts,
@@ -356,12 +358,28 @@ class _Run:
 
     def _train(self, i: int, perturbed: torch.Tensor, inv: Inversion) -> LoRAWeights:
         s = self.settings
-        at_train_res = None if self.train_hw == self.size else self._first_clip_at_train_res
-        skip_kv = self.skip.for_training(i, self.host, at_train_res)
+        full_size = self.train_hw == self.size
+        skip_kv = self.skip.for_training(i, self.host, None if full_size else self._first_clip_at_train_res)
         checkpoints, resume = self._checkpoints(i)
+        if full_size:
+            latents, first_raw, clip_embed = training_inputs(inv)
+        else:  # the clip again at training size: latents and the first frame's CLIP embedding
+            small = resize_frames(perturbed, *self.train_hw)
+            latents = source_latents(self.host, small, generator(s.seed, i, Purpose.TRAIN_ENCODE))
+            first_raw, clip_embed = latents[:1] / LATENT_SCALE, self.host.encode_clip(small[:1])
+        config = TrainConfig(rank=s.lora_rank, steps=s.lora_steps, lr=s.lora_lr, target_set=s.lora_target_set,
+                             seed=train_seed(s.seed, i))  # fmt: skip
         with self.timer("lora", i):
-            return _train_lora(self.host, perturbed, inv, self.train_hw, self.size, s, i, skip_kv, self.should_stop,
-                               self.step_callback, checkpoints, resume)  # fmt: skip
+            result = train_clip_lora(self.host, latents, first_raw, clip_embed, config, i, skip_kv,
+                                     should_stop=self.should_stop, callback=_tagged(self.step_callback, i, "lora"),
+                                     checkpoint_dir=checkpoints, resume_from=resume)  # fmt: skip
+        if result.interrupted:
+            raise I2VEditError(
+                f"interrupted while training the LoRA of clip {i + 1}; finished clips"
+                + (" and the training so far are kept" if checkpoints is not None else " are kept")
+                + "."
+            )
+        return result.weights
 
     def _first_clip_at_train_res(self) -> Inversion:
         """The first clip inverted again at training resolution, for later clips' training K/V."""
@@ -431,32 +449,6 @@ class _Run:
         self.prev[e] = (edit.result.latents[-1:], edit.frames[-1:])
         self.outputs[e].append(edit.frames)
         self.masks[e].append(edit.masks)
-
-
-def _train_lora(
-    host, perturbed, inv, train_hw, gen_hw, settings: EditSettings, i, kv, should_stop, step_callback,
-    checkpoint_dir=None, resume_from=None,
-):  # fmt: skip
-    if train_hw == tuple(gen_hw):
-        latents, first_raw = inv.trajectory[0], inv.trajectory[0][:1] / LATENT_SCALE
-        clip_embed = inv.cond.clip_embed
-    else:
-        small = resize_frames(perturbed, *train_hw)
-        g = generator(settings.seed, i, Purpose.TRAIN_ENCODE)
-        latents, cond = encode_source(host, small, g, settings.inversion_fps_id)
-        first_raw, clip_embed = latents[:1] / LATENT_SCALE, cond.clip_embed
-    config = TrainConfig(rank=settings.lora_rank, steps=settings.lora_steps, lr=settings.lora_lr,
-                         target_set=settings.lora_target_set, seed=train_seed(settings.seed, i))  # fmt: skip
-    result = train_clip_lora(host, latents, first_raw, clip_embed, config, i, kv, should_stop=should_stop,
-                             callback=_tagged(step_callback, i, "lora"), checkpoint_dir=checkpoint_dir,
-                             resume_from=resume_from)  # fmt: skip
-    if result.interrupted:
-        raise I2VEditError(
-            f"interrupted while training the LoRA of clip {i + 1}; finished clips"
-            + (" and the training so far are kept" if checkpoint_dir is not None else " are kept")
-            + "."
-        )
-    return result.weights
 
 
 def _tagged(callback: Progress | None, clip: int, stage: str) -> Progress | None:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import I2VEditError
 from ..io.files import writable_folder, write_text_atomic
@@ -175,17 +174,6 @@ class ReuseFolder:
             return None
         self.check_clip(path, meta, i, span)
         return value
-
-
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A stored safetensors file's tensors and metadata; ``I2VEditError`` when it cannot be read."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
-    except (OSError, SafetensorError) as e:
-        raise I2VEditError(f"it is damaged ({e})") from e
-    return tensors, meta
 
 
 class ReuseStore:

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import I2VEditError
 from ..host import SVDHost
-from ..io.files import save_safetensors_atomic
+from ..io.files import read_tensors, save_safetensors_atomic
 from ..lora.file import LoRAWeights
 from ..lora.train import TrainConfig, TrainResult, train_motion_lora
 from ..method.controller import MatchConfig
@@ -40,11 +39,23 @@ def denoise_time_ids(fps: float) -> TimeIds:
     return TimeIds(max(0.0, round(fps) - 1.0), 127.0, 0.02)
 
 
+def source_latents(host: SVDHost, frames: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A clip's VAE posterior samples (seeded by ``g``) in the scaled space."""
+    return host.vae_encode(frames, sample=True, generator=g).float() * LATENT_SCALE
+
+
+def training_inputs(inversion: Inversion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA training inputs at an inversion's own size: its clean latents (scaled), its first frame's raw
+    latent and its CLIP embedding (``train_clip_lora``'s ``latents``, ``first_raw``, ``clip_embed``)."""
+    latents = inversion.trajectory[0]
+    return latents, latents[:1] / LATENT_SCALE, inversion.cond.clip_embed
+
+
 def encode_source(
     host: SVDHost, perturbed: torch.Tensor, g: torch.Generator, fps_id: float = 8.0
 ) -> tuple[torch.Tensor, SVDCond]:
     """A clip's latents (VAE posterior samples, scaled space) and the source conditioning of inversion."""
-    latents = host.vae_encode(perturbed, sample=True, generator=g).float() * LATENT_SCALE
+    latents = source_latents(host, perturbed, g)
     first = perturbed[:1]
     cond = SVDCond(
         host.encode_clip(first), host.vae_encode(_noised(first, g)).float(), TimeIds(fps_id, 127.0, 0.02)
@@ -203,13 +214,11 @@ def load_inversion(path: str | Path) -> tuple[Inversion, dict[str, str]]:
     """
     p = Path(path)
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != INVERSION_FORMAT:
-                raise I2VEditError(f"{p} is not an I2VEdit inversion file (format {meta.get('format')!r}).")
-            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
-    except (OSError, SafetensorError) as e:
+        t, meta = read_tensors(p)
+    except I2VEditError as e:
         raise I2VEditError(f"cannot read the inversion {p} ({e}); save it again.") from e
+    if meta.get("format") != INVERSION_FORMAT:
+        raise I2VEditError(f"{p} is not an I2VEdit inversion file (format {meta.get('format')!r}).")
     try:
         inv = Inversion(t["latents"].float(), t["sigmas"].double(), cond_from("cond", t), meta["fingerprint"])
     except KeyError as e:

@@ -61,18 +61,6 @@ def tiny_comfy() -> ModuleType:
     return module
 
 
-def sharpen_self_attention(patcher: Any, factor: float) -> None:
-    """Scale the 32 self-attention Q/K weights in place (as ``tests/conftest.py:sharpen_self_attention``)."""
-    import torch
-
-    root = patcher.model.diffusion_model
-    with torch.no_grad():
-        for pos in core("svd").POSITIONS:
-            for name in (pos.comfy_spatial, pos.comfy_temporal):
-                for proj in ("to_q", "to_k"):
-                    root.get_submodule(f"{name}.{proj}").weight.mul_(factor)
-
-
 class TinySVD(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -96,7 +84,7 @@ class TinySVD(io.ComfyNode):
     def execute(cls, seed: int, sharpen: float) -> io.NodeOutput:
         host = tiny_comfy().build_tiny_comfy_host(seed=seed, with_vae=True)
         if sharpen != 1.0:
-            sharpen_self_attention(host.patcher, sharpen)
+            tiny_comfy().sharpen_comfy_self_attention(host.patcher, sharpen)
         return io.NodeOutput(host.patcher, host.clip_vision, host.vae)
 
 
