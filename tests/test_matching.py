@@ -165,6 +165,38 @@ def test_skip_interval_kv_cache_equals_recompute_and_changes_the_second_clip(hos
     assert _rel(results["recompute"][1].latents, alone.latents) > 1e-3
 
 
+def test_the_fused_spatial_kernel_gives_the_fp32_reference_result_over_two_chained_clips(
+    host, clip, monkeypatch
+):
+    """The flash-and-row-statistics kernel against every map materialised, through whole matched runs."""
+    from i2vedit.method import attention, controller
+
+    z, src, edit = clip
+    g = torch.Generator().manual_seed(12)
+    z2 = torch.randn(3, 4, h, w, generator=g)
+
+    def two_clips():
+        inv1 = invert(host, z, src, steps=3)
+        clip1 = MatchedClip(host, inv1, edit)
+        res1 = clip1.run()
+        inv2 = invert(host, z2, _cond(3), steps=3, skip_kv=SourceKV(host, inv1))
+        return res1, matched_denoise(host, inv2, _cond(4), skip_kv=EditKV(clip1, res1))
+
+    fused = two_clips()
+    monkeypatch.setattr(
+        controller,
+        "spatial_match",
+        lambda q_e, k_e, v_e, q_s, k_s, heads, tau, _chunk=None: attention.spatial_match_reference(
+            q_e, k_e, v_e, q_s, k_s, heads, tau
+        ),
+    )
+    reference = two_clips()
+    for got, ref in zip(fused, reference):
+        assert got.masks is not None and ref.masks is not None
+        assert _rel(got.latents, ref.latents) < 1e-5
+        torch.testing.assert_close(got.masks, ref.masks, atol=1e-5, rtol=1e-5)
+
+
 def test_kv_concatenation_with_the_clips_own_kv_leaves_the_model_output_unchanged(host, clip):
     z, src, _ = clip
     sigma = 1.27

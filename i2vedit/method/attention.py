@@ -24,6 +24,7 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tenso
 """A host's own attention kernel: (q, k, v, heads) → out, all (rows, tokens, heads·d)."""
 
 DEFAULT_QUERY_CHUNK = 1024
+CPU_BLOCK_ELEMENTS = 1 << 17  # fp32 elements of one CPU matching map block (512 KiB)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -109,6 +110,17 @@ def spatial_match_reference(
     return apply_probs(blended, v_e, heads), diff, weight
 
 
+def default_query_chunk(device: torch.device, heads: int, tokens: int) -> int:
+    """Query rows per matching block: a block of a few MB on CPU (it stays in cache), large elsewhere.
+
+    A CPU pass over a block the cache cannot hold costs several times more, while an accelerator
+    (and the meta device, which stands in for one in accounting) wants few, large kernel launches.
+    """
+    if device.type != "cpu":
+        return DEFAULT_QUERY_CHUNK
+    return max(1, CPU_BLOCK_ELEMENTS // (heads * tokens))
+
+
 def spatial_match(
     q_e: torch.Tensor,
     k_e: torch.Tensor,
@@ -117,43 +129,46 @@ def spatial_match(
     k_s: torch.Tensor,
     heads: int,
     tau: torch.Tensor,
-    query_chunk: int = DEFAULT_QUERY_CHUNK,
+    query_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``spatial_match_reference`` in blocks of at most ``query_chunk`` query rows of one layer.
 
     The maps of a block are (frames_in_block, heads, queries_in_block, tokens) with frames_in_block ·
     queries_in_block ≤ max(query_chunk, tokens), so peak memory is bounded by the chunk, never by
-    the frame count. The scores are fp32 whatever the model's dtype, as the authors compute them.
+    the frame count; None picks ``default_query_chunk``. One score matmul per map and one matmul
+    with the values per block (the blended map), everything else in place. The scores are fp32
+    whatever the model's dtype, as the authors compute them.
     """
     _check_spatial(q_e, k_e, v_e, q_s, k_s)
+    frames, tokens, _ = q_e.shape
+    if query_chunk is None:
+        query_chunk = default_query_chunk(q_e.device, heads, tokens)
     if query_chunk < 1:
         raise I2VEditError(f"query_chunk must be at least 1, got {query_chunk}.")
-    frames, tokens, _ = q_e.shape
-    qe, ke, ve = split_heads(q_e, heads), split_heads(k_e, heads), split_heads(v_e, heads)
-    qs, ks = split_heads(q_s, heads), split_heads(k_s, heads)
-    scale = 1.0 / math.sqrt(qe.shape[-1])
+    scale = 1.0 / math.sqrt(q_e.shape[-1] // heads)
+    qe, qs = (split_heads(t, heads).float() * scale for t in (q_e, q_s))
+    ke_t, ks_t = (split_heads(t, heads).float().transpose(-1, -2).contiguous() for t in (k_e, k_s))
+    ve = split_heads(v_e, heads).float()
     tau = tau.to(q_e.device, torch.float32)
-    out = torch.empty_like(qe)
+    out = torch.empty_like(ve)
     diff = torch.empty(frames, tokens, device=q_e.device, dtype=torch.float32)
     weight = torch.empty_like(diff)
     frame_block = max(1, query_chunk // tokens)
     query_block = min(tokens, query_chunk)
     for f0 in range(0, frames, frame_block):
         f1 = min(frames, f0 + frame_block)
-        k_edit, k_src = ke[f0:f1].float(), ks[f0:f1].float()
-        v_edit = ve[f0:f1].float()
         for a in range(0, tokens, query_block):
             b = min(tokens, a + query_block)
-            p_e = torch.softmax(qe[f0:f1, :, a:b].float() @ k_edit.transpose(-1, -2) * scale, dim=-1)
-            p_s = torch.softmax(qs[f0:f1, :, a:b].float() @ k_src.transpose(-1, -2) * scale, dim=-1)
+            p_e = torch.softmax(qe[f0:f1, :, a:b] @ ke_t[f0:f1], dim=-1)
+            p_s = torch.softmax(qs[f0:f1, :, a:b] @ ks_t[f0:f1], dim=-1)
             p_e.sub_(p_s)  # p_e now holds P^e − P^s
-            d = p_e.abs().sum(-1).mean(1).clamp_(0, 2).div_(2)
+            d = torch.linalg.vector_norm(p_e, 1, dim=-1).mean(1).clamp_(0, 2).div_(2)
             w = blend_weight(d, tau[f0:f1, None])
             p_e.mul_(w[:, None, :, None]).add_(p_s)  # (1 − M)·P^s + M·P^e
-            out[f0:f1, :, a:b] = (p_e @ v_edit).to(out.dtype)
+            torch.matmul(p_e, ve[f0:f1], out=out[f0:f1, :, a:b])
             diff[f0:f1, a:b], weight[f0:f1, a:b] = d, w
             del p_e, p_s
-    return merge_heads(out), diff, weight
+    return merge_heads(out.to(v_e.dtype)), diff, weight
 
 
 def concat_kv(
