@@ -25,7 +25,6 @@ import torch
 from ..errors import I2VEditError
 from ..svd import COND, POSITIONS, UNCOND
 from .attention import (
-    DEFAULT_QUERY_CHUNK,
     AttendFn,
     apply_probs,
     attention_probs,
@@ -67,7 +66,8 @@ class MatchConfig:
     only layers at 1/4 latent resolution or coarser, then none); ``tau`` is the spatial difference
     threshold at the first and the last frame (linear in between); ``stage2_layers`` "paper" uses the
     paper's downscale rule, "authors" the released code's set, which leaves out
-    ``up_blocks.1.attentions.2``. ``pair_offset`` shifts which inversion step a denoising step reads
+    ``up_blocks.1.attentions.2``. ``query_chunk`` bounds the query rows of one matching block (None:
+    ``attention.default_query_chunk``, by device). ``pair_offset`` shifts which inversion step a denoising step reads
     (0: step k reads inversion step n−1−k, as the paper does).
     """
 
@@ -76,7 +76,7 @@ class MatchConfig:
     spatial: bool = True
     temporal: bool = True
     stage2_layers: LayerSet = "paper"
-    query_chunk: int = DEFAULT_QUERY_CHUNK
+    query_chunk: int | None = None
     pair_offset: int = 0
 
     @classmethod
@@ -102,7 +102,7 @@ class MatchConfig:
             raise I2VEditError(
                 f"stage2_layers must be one of {sorted(STAGE2_LAYERS)}, got {self.stage2_layers!r}."
             )
-        if self.query_chunk < 1:
+        if self.query_chunk is not None and self.query_chunk < 1:
             raise I2VEditError(f"query_chunk must be at least 1, got {self.query_chunk}.")
         return self
 

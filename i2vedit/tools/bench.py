@@ -17,8 +17,7 @@ import torch
 
 from ..host import combine_cfg
 from ..hosts.diffusers import tiny
-from ..method.attention import frame_thresholds, spatial_match, spatial_match_reference
-from ..method.controller import MatchConfig
+from ..method.attention import default_query_chunk, frame_thresholds, spatial_match, spatial_match_reference
 from ..method.inversion import invert, replay_source
 from ..method.matching import MatchedClip, matched_denoise
 from ..method.skip_interval import EditKV, SourceKV
@@ -185,7 +184,7 @@ def bench_attention(
     q_e, k_e, v_e, q_s, k_s = (torch.empty(shape, device="meta", dtype=torch.float16) for _ in range(5))
     tau = frame_thresholds(fF, (0.35, 0.35)).to("meta")
     with track_allocations() as chunked:
-        spatial_match(q_e, k_e, v_e, q_s, k_s, big.heads, tau, MatchConfig().query_chunk)
+        spatial_match(q_e, k_e, v_e, q_s, k_s, big.heads, tau)
     with track_allocations() as reference:
         spatial_match_reference(q_e, k_e, v_e, q_s, k_s, big.heads, tau)
 
@@ -222,7 +221,7 @@ def bench_attention(
             "channels": big.channels,
             "heads": big.heads,
             "frames": fF,
-            "query_chunk": MatchConfig().query_chunk,
+            "query_chunk": default_query_chunk(torch.device("meta"), big.heads, big.tokens),
             "dtype": "float16 inputs, fp32 maps",
         },
         "reconstruction_rel_error_tiny_25_steps": {"plain": rec_plain, "matched": rec_matched},
