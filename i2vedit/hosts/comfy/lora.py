@@ -231,7 +231,7 @@ class ComfyLoRATrainer:
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, self._grad_flags.restore)
         weakref.finalize(patcher, self._grad_flags.restore)
         self.patcher = patcher
-        self._session: GuiderSession | None = None  # the training run's guider and sampler
+        self.session: GuiderSession | None = None  # the training run's guider and sampler
         self._host: ComfySVDHost | None = None
         self._clip_vision, self._vae = host.clip_vision, host.vae
         self._host_type = type(host)  # ComfySVDHost, which imports this module
@@ -258,11 +258,11 @@ class ComfyLoRATrainer:
             cond = replace(
                 cond, clip_embed=_plain_input(cond.clip_embed), concat_latent=_plain_input(cond.concat_latent)
             )
-            if self._session is None:
-                self._session = GuiderSession(self.patcher, {_COND: cond})
+            if self.session is None:
+                self.session = GuiderSession(self.patcher, {_COND: cond})
             else:
-                self._session.set_conds({_COND: cond})  # a training step's conditioning is its own
-            outs = self._session.model_call(
+                self.session.set_conds({_COND: cond})  # a training step's conditioning is its own
+            outs = self.session.model_call(
                 _plain_input(x).float(), s, transformer_options, self._make_trainable, self.autocast_dtype
             )
             return outs[0].float()
