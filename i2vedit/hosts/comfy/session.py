@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.samplers
 import torch
 
@@ -66,8 +67,9 @@ class DirectSampler(comfy.samplers.Sampler):
         if self.fn is None or self.x is None:
             raise RuntimeError("DirectSampler.sample ran without a call loaded; use GuiderSession.run.")
         extra_args["denoise_mask"] = denoise_mask
-        if self.transformer_options:
-            extra_args["model_options"].setdefault("transformer_options", {}).update(self.transformer_options)
+        if self.transformer_options:  # a copy, as ComfyUI copies the guider's own options for each run
+            options = comfy.patcher_extension.copy_nested_dicts(self.transformer_options)
+            extra_args["model_options"].setdefault("transformer_options", {}).update(options)
         model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
         model_k.latent_image, model_k.noise = latent_image, noise
         x = self.x.to(noise.device, noise.dtype)
