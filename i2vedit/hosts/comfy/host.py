@@ -2,8 +2,9 @@
 
 Sampling goes through ComfyUI's own ``CFGGuider`` → ``Sampler`` path, so the model is loaded and
 patched the way ComfyUI does it, every ``transformer_options`` patch and wrapper on the MODEL
-applies, and ``cond_or_uncond`` is ComfyUI's. Import this module only inside ComfyUI (or with a
-ComfyUI checkout on ``sys.path``).
+applies, and ``cond_or_uncond`` is ComfyUI's. The guider, its conditioning and the sampler of a
+(MODEL clone, conditioning set) are made once and serve every call with them (``session``). Import
+this module only inside ComfyUI (or with a ComfyUI checkout on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
-import comfy.samplers
 import comfy.sd
 import torch
 
@@ -28,7 +28,8 @@ from ...lora.targets import target_shapes
 from ...method.controller import CONTROLLER_KEY
 from ...svd import COND, SVDCond, diffusers_to_comfy_key
 from .lora import ComfyLoRATrainer
-from .patches import DirectSampler, check_svd_model, to_conditioning, with_attention_control, with_lora_branch
+from .patches import check_svd_model, with_attention_control, with_lora_branch
+from .session import GuiderSession, GuiderSessions
 
 
 class ComfySVDHost:
@@ -46,6 +47,7 @@ class ComfySVDHost:
         self.clip_vision, self.vae = clip_vision, vae
         self._controlled: comfy.model_patcher.ModelPatcher | None = None
         self.lora_branch: LoRABranch | None = None
+        self.sessions = GuiderSessions()  # this host's and its LoRA hosts' model calls
 
     @property
     def controlled_patcher(self) -> comfy.model_patcher.ModelPatcher:
@@ -70,6 +72,7 @@ class ComfySVDHost:
         shapes = target_shapes(self.patcher.model.diffusion_model, target_set, "comfy")
         self.lora_branch = LoRABranch(shapes, rank, target_set, self.patcher.load_device)
         self._controlled = None
+        self.sessions.clear()  # they may run the replaced clone
         return self.lora_branch
 
     def _switch_branch(self) -> None:
@@ -100,28 +103,6 @@ class ComfySVDHost:
     def device(self) -> torch.device:
         return self.patcher.load_device
 
-    def _guider(
-        self, conds: dict[str, SVDCond], model_options: dict | None = None, controlled: bool = False
-    ) -> comfy.samplers.CFGGuider:
-        self._switch_branch()
-        patcher = self._patcher(controlled)
-        guider = comfy.samplers.CFGGuider(patcher)
-        guider.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
-        if model_options:
-            guider.model_options.update(model_options)
-        guider.inner_set_conds({k: to_conditioning(c) for k, c in conds.items()})
-        return guider
-
-    def _run(
-        self, guider, fn: SamplerFn, x: torch.Tensor, sigmas: torch.Tensor, callback, disable, opts
-    ) -> torch.Tensor:
-        if opts:
-            guider.model_options.setdefault("transformer_options", {}).update(opts)
-        zeros = torch.zeros_like(x, dtype=torch.float32, device="cpu")
-        sampler = DirectSampler(fn, x.float(), callback, disable)
-        out = guider.sample(zeros, zeros, sampler, sigmas.float(), disable_pbar=bool(disable))
-        return self.patcher.model.process_latent_in(out).float().cpu()
-
     @torch.no_grad()
     def denoise(
         self,
@@ -134,22 +115,11 @@ class ComfySVDHost:
             c.check(x)
         s = sigma_scalar(sigma)
         order = sorted(range(len(conds)), key=lambda i: conds[i].kind != COND)  # ComfyUI's chunk 0 is cond
-        keys = [f"c{i}" for i in order]
         controlled = CONTROLLER_KEY in (transformer_options or {})
-        guider = self._guider({f"c{i}": conds[i] for i in order}, controlled=controlled)
-        results: list[torch.Tensor] = []
-
-        def one_call(model_k, x_in, sigmas, extra_args=None, callback=None, disable=None):
-            g = model_k.inner_model
-            s_in = x_in.new_full([x_in.shape[0]], s)
-            outs = comfy.samplers.calc_cond_batch(
-                g.inner_model, [g.conds[k] for k in keys], x_in, s_in, extra_args["model_options"]
-            )
-            results.extend(o.float().cpu() for o in outs)
-            return x_in
-
-        self._run(guider, one_call, x, torch.tensor([s, 0.0]), None, True, transformer_options)
-        by_index = dict(zip(order, results))
+        self._switch_branch()
+        session = self.sessions.get(self._patcher(controlled), {f"c{i}": conds[i] for i in order})
+        outs = session.model_call(x, s, transformer_options)
+        by_index = dict(zip(order, (o.float().cpu() for o in outs)))
         return torch.stack([by_index[i] for i in range(len(conds))])
 
     def sample(
@@ -164,11 +134,13 @@ class ComfySVDHost:
         disable: bool | None = None,
         transformer_options: dict[str, Any] | None = None,
     ) -> torch.Tensor:
+        """A whole sampling run: one session, its own (the per-frame CFG function holds ``cfg``)."""
         cond.check(x)
         controlled = CONTROLLER_KEY in (transformer_options or {})
+        self._switch_branch()
+        patcher = self._patcher(controlled)
         if uncond is None or cfg is None:
-            guider = self._guider({"positive": cond}, controlled=controlled)
-            guider.set_cfg(1.0)
+            session = GuiderSession(patcher, {"positive": cond})
         else:
             check_cfg(cfg, x.shape[0])
             scales = cfg.float()
@@ -176,11 +148,13 @@ class ComfySVDHost:
             def per_frame_cfg(args: dict[str, torch.Tensor]) -> torch.Tensor:
                 return combine_cfg(args["uncond"], args["cond"], scales)
 
-            guider = self._guider(
-                {"positive": cond, "negative": uncond}, {"sampler_cfg_function": per_frame_cfg}, controlled
+            session = GuiderSession(
+                patcher,
+                {"positive": cond, "negative": uncond},
+                {"sampler_cfg_function": per_frame_cfg},
+                float(scales.max()),
             )
-            guider.set_cfg(float(scales.max()))
-        return self._run(guider, sampler, x, sigmas, callback, disable, transformer_options)
+        return session.run(sampler, x, sigmas, callback, disable, transformer_options)
 
     def _need(self, what: str, obj: Any) -> Any:
         if obj is None:
@@ -231,6 +205,7 @@ class ComfyLoRAHost(ComfySVDHost):
         self.target_set = fitting_target_set(weights, base.patcher.model.diffusion_model)
         self.base, self.weights, self.strength, self.rank = base, weights, strength, weights.rank
         self.patcher, self.clip_vision, self.vae = base.patcher, base.clip_vision, base.vae
+        self.sessions = base.sessions  # one clone, one set of sessions: the branch is switched per call
 
     @property
     def controlled_patcher(self) -> comfy.model_patcher.ModelPatcher:

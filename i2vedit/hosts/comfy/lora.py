@@ -36,7 +36,8 @@ Training (``ComfyLoRATrainer``, a ``host.LoRATrainable``):
   node: ``train_denoise`` switches inference mode off for its own forward, but the loss and its
   ``backward`` happen in the caller.
 - **Model path.** ``train_denoise`` runs ComfyUI's ``CFGGuider`` with a one-call sampler that calls
-  ``comfy.samplers.calc_cond_batch`` with gradients, like ``ComfySVDHost.denoise``: ComfyUI loads
+  ``comfy.samplers.calc_cond_batch`` with gradients, like ``ComfySVDHost.denoise`` (one
+  ``GuiderSession`` per trainer, made on the first step; each step hands it its conditioning): ComfyUI loads
   the model, encodes SVD's conditioning and passes ``transformer_options`` (with our attention
   controller for skip-interval K/V) to the attention patches; the clone always carries
   ``with_attention_control``'s patches.
@@ -62,7 +63,6 @@ from typing import TYPE_CHECKING, Any
 
 import comfy.model_patcher
 import comfy.patcher_extension
-import comfy.samplers
 import comfy.sd
 import comfy.weight_adapter
 import comfy.weight_adapter.lora
@@ -76,7 +76,8 @@ from ...lora.file import LoRAPair, LoRAWeights, fitting_target_set, validate_ran
 from ...lora.peft_init import init_lora_pairs
 from ...lora.targets import target_shapes
 from ...svd import SVDCond
-from .patches import DirectSampler, check_svd_model, to_conditioning, with_attention_control
+from .patches import check_svd_model, with_attention_control
+from .session import GuiderSession
 
 if TYPE_CHECKING:
     from .host import ComfySVDHost
@@ -230,6 +231,7 @@ class ComfyLoRATrainer:
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, self._grad_flags.restore)
         weakref.finalize(patcher, self._grad_flags.restore)
         self.patcher = patcher
+        self.session: GuiderSession | None = None  # the training run's guider and sampler
         self._host: ComfySVDHost | None = None
         self._clip_vision, self._vae = host.clip_vision, host.vae
         self._host_type = type(host)  # ComfySVDHost, which imports this module
@@ -256,37 +258,14 @@ class ComfyLoRATrainer:
             cond = replace(
                 cond, clip_embed=_plain_input(cond.clip_embed), concat_latent=_plain_input(cond.concat_latent)
             )
-            x = _plain_input(x).float()
-            guider = comfy.samplers.CFGGuider(self.patcher)
-            guider.model_options = comfy.model_patcher.create_model_options_clone(self.patcher.model_options)
-            if transformer_options:
-                guider.model_options.setdefault("transformer_options", {}).update(transformer_options)
-            guider.inner_set_conds({_COND: to_conditioning(cond)})
-            guider.set_cfg(1.0)
-            results: list[torch.Tensor] = []
-
-            def one_call(model_k, x_in, sigmas, extra_args=None, callback=None, disable=None):
-                g = model_k.inner_model
-                self._make_trainable(g.inner_model)
-                dev = x_in.device
-                use_autocast = self.autocast_dtype is not None and dev.type == "cuda"
-                with torch.autocast(dev.type, self.autocast_dtype, enabled=use_autocast):
-                    outs = comfy.samplers.calc_cond_batch(
-                        g.inner_model, [g.conds[_COND]], x_in, x_in.new_full([x_in.shape[0]], s),
-                        extra_args["model_options"],
-                    )  # fmt: skip
-                results.append(outs[0].float())
-                return x_in.detach()
-
-            zeros = torch.zeros_like(x, device="cpu")
-            guider.sample(
-                zeros,
-                zeros,
-                DirectSampler(one_call, x, None, True),
-                torch.tensor([s, 0.0]),
-                disable_pbar=True,
+            if self.session is None:
+                self.session = GuiderSession(self.patcher, {_COND: cond})
+            else:
+                self.session.set_conds({_COND: cond})  # a training step's conditioning is its own
+            outs = self.session.model_call(
+                _plain_input(x).float(), s, transformer_options, self._make_trainable, self.autocast_dtype
             )
-            return results[0]
+            return outs[0].float()
 
     def export(self) -> dict[str, LoRAPair]:
         with torch.inference_mode(False):

@@ -2,8 +2,6 @@
 
 - ``with_attention_control``: an attn1 replace patch on each of the 16 transformer positions (they
   fire for the spatial and the temporal block alike) plus an object patch that tags temporal calls;
-- ``DirectSampler``: runs a k-diffusion sampler function from a given latent inside ComfyUI's
-  ``CFGGuider`` path;
 - ``with_lora_branch``: forward patches that add a motion-LoRA branch to the target linears;
 - ``check_svd_model`` / ``to_conditioning``: the MODEL check and ``SVDCond`` as CONDITIONING.
 """
@@ -16,11 +14,9 @@ from typing import Any
 import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_patcher
-import comfy.samplers
 import torch
 
 from ...errors import NotSVDModelError
-from ...host import SamplerFn
 from ...lora.branch import LoRABranch
 from ...method.controller import CONTROLLER_KEY, TEMPORAL_KEY, AttnCall, chunk_kinds
 from ...svd import POSITIONS, AttentionPosition, SVDCond
@@ -56,33 +52,6 @@ def to_conditioning(cond: SVDCond) -> list[list[Any]]:
             },
         ]
     ]
-
-
-class DirectSampler(comfy.samplers.Sampler):
-    """Runs a k-diffusion sampler function from a given start latent, unlike KSAMPLER's noise scaling."""
-
-    def __init__(
-        self, fn: SamplerFn, x: torch.Tensor, callback: Callable | None, disable: bool | None
-    ) -> None:
-        self.fn, self.x, self.callback, self.disable = fn, x, callback, disable
-
-    def sample(
-        self,
-        model_wrap,
-        sigmas,
-        extra_args,
-        callback,
-        noise,
-        latent_image=None,
-        denoise_mask=None,
-        disable_pbar=False,
-    ):
-        extra_args["denoise_mask"] = denoise_mask
-        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model_k.latent_image, model_k.noise = latent_image, noise
-        x = self.x.to(noise.device, noise.dtype)
-        disable = disable_pbar if self.disable is None else self.disable
-        return self.fn(model_k, x, sigmas, extra_args=extra_args, callback=self.callback, disable=disable)
 
 
 def _attn1_replace(pos: AttentionPosition) -> Callable:
