@@ -535,8 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="print benchmark numbers as one JSON object")
     bench.add_argument(
         "what",
-        choices=["attention", "lora"],
-        help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory",
+        choices=["attention", "lora", "plan"],
+        help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory; "
+        "plan: the whole edit at full size on the meta device (FLOPs, peak memory, predicted time per stage)",
     )
     bench.add_argument(
         "--reps", type=_int_in(1), default=5, help="timed repetitions per measurement (median)"
@@ -571,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             from .tools import bench
 
-            result = bench.bench_attention(reps=args.reps) if args.what == "attention" else bench.bench_lora()
+            runs = {"attention": lambda: bench.bench_attention(reps=args.reps), "lora": bench.bench_lora,
+                    "plan": bench.bench_plan}  # fmt: skip
+            result = runs[args.what]()
         elif args.command == "demo":
             result = run_demo(args.out, progress=not args.quiet)
         else:

@@ -168,7 +168,10 @@ def weights_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
     """A short id of a UNet from the ``FINGERPRINT_KEYS`` tensors: their shapes and rounded sums.
 
     Sums are rounded to 4 significant digits so an fp16 and an fp32 copy of one checkpoint agree.
+    Weights on the ``meta`` device (a memory plan: shapes, no values) give an id of their shapes.
     """
+    if any(t.is_meta for t in tensors):
+        return "svd-meta-" + "|".join("x".join(map(str, t.shape)) for t in tensors)
     parts = []
     for t in tensors:
         t64 = t.detach().to("cpu", torch.float64)

@@ -5,7 +5,7 @@ import gc
 import pytest
 import torch
 
-from i2vedit.tools.memtrack import AllocationTracker, format_bytes, measure, track_allocations
+from i2vedit.run.memtrack import AllocationTracker, format_bytes, measure, track_allocations
 
 F32 = 4
 

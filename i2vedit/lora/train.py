@@ -245,7 +245,12 @@ def _fork_rng(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
-def _gradients(
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite; a ``meta`` tensor (a memory plan) holds no values to check."""
+    return t.is_meta or bool(torch.isfinite(t).all())
+
+
+def step_gradients(
     trainer: LoRATrainable,
     optimizer: torch.optim.Optimizer,
     latents: torch.Tensor,
@@ -262,12 +267,12 @@ def _gradients(
     with _fork_rng(device):
         torch.manual_seed(derived_seed(config.seed, 0, Purpose.TRAIN_DROPOUT, step))
         loss = objective(trainer, latents, first_latent, clip_embed, draws, config, skip_kv)
-        if not torch.isfinite(loss):
+        if not _finite(loss):
             return loss, draws, f"the loss became {float(loss.detach())}"
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for name, p in trainer.named_trainable():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            if p.grad is not None and not _finite(p.grad):
                 return loss, draws, f"the gradient of {name} is not finite"
     return loss, draws, None
 
@@ -342,7 +347,7 @@ def train_motion_lora(
                 last_ckpt = keep_progress()
                 weights = replace(meta, modules=trainer.export(), steps=step)
                 return TrainResult(weights, step, losses, interrupted=True, checkpoint=last_ckpt)
-            loss, draws, bad = _gradients(trainer, optimizer, latents, first_latent, clip_embed, config, skip_kv,
+            loss, draws, bad = step_gradients(trainer, optimizer, latents, first_latent, clip_embed, config, skip_kv,
                                           step, device)  # fmt: skip
             if bad is not None:
                 optimizer.zero_grad(set_to_none=True)

@@ -81,7 +81,7 @@ def edit_conditioning(
         image, latent = edited[:1, ..., :3], host.vae_encode(edited[:1, ..., :3]).float()
     else:
         image, latent = prev[1], prev[0].float() / LATENT_SCALE
-    latent = latent + 0.02 * torch.randn(latent.shape, generator=g)
+    latent = latent + 0.02 * torch.randn(latent.shape, generator=g).to(latent.device)  # CPU draws, any device
     return SVDCond(host.encode_clip(image), latent, ids)
 
 

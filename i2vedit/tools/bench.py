@@ -21,8 +21,8 @@ from ..method.attention import default_query_chunk, frame_thresholds, spatial_ma
 from ..method.inversion import invert, replay_source
 from ..method.matching import MatchedClip, matched_denoise
 from ..method.skip_interval import EditKV, SourceKV
+from ..run.memtrack import track_allocations
 from ..svd import POSITIONS, SVDCond, TimeIds
-from .memtrack import track_allocations
 
 FULL_HW = (72, 128)  # 576×1024 pixels
 FULL_FRAMES = 14
@@ -267,4 +267,91 @@ def bench_lora(frames: int = 8, latent_hw: tuple[int, int] = (16, 16), steps: in
         out[key] = {"seconds_per_step": statistics.median(times), "peak_tensor_bytes": mem.peak_bytes}
     out["seconds_per_step"] = out["without_checkpointing"]["seconds_per_step"]
     out["peak_memory_bytes"] = out["without_checkpointing"]["peak_tensor_bytes"]
+    return out
+
+
+GPUS = {"h200": 989e12, "rtx4090": 165e12}  # dense fp16/bf16 tensor-core FLOP/s
+UTILISATION = 0.4
+PAPER_A100_MINUTES = {"lora_per_clip": 25, "editing_per_clip": 10}  # the paper, Appendix E
+
+
+def _seconds(flops: float) -> dict[str, float]:
+    return {gpu: flops / (peak * UTILISATION) for gpu, peak in GPUS.items()}
+
+
+def bench_plan() -> dict[str, Any]:
+    """The whole edit at full size on the meta device (``hosts.diffusers.plan``), ours beside the authors'."""
+    from ..hosts.diffusers.plan import GB, MODEL_FRAMES, full_size_host, plan_edit
+
+    out: dict[str, Any] = {
+        "how": "models at full size on the meta device; one call of each kind through the real code under "
+        "FlopCounterMode and run.memtrack; counts multiply; predicted seconds = FLOPs / (peak × utilisation)",
+        "gpus_flops_per_second": GPUS, "utilisation": UTILISATION, "budget_bytes": 16 * GB,
+        "paper_a100_minutes": PAPER_A100_MINUTES,
+    }  # fmt: skip
+    layers = layer_table(FULL_HW, FULL_CHANNELS, HEAD_DIM)
+    for model, frames in MODEL_FRAMES.items():
+        plan = plan_edit(576, 1024, frames, host=full_size_host(torch.float16, torch.float16))
+        ours = plan.as_dict()
+        for offload in (False, True):
+            key = "stages_offloaded" if offload else "stages"
+            stages = plan.stages(offload)
+            for st in stages.values():
+                st["fits_16gb"] = st["peak_bytes"] <= 16 * GB
+                st["seconds"] = _seconds(st["flops"])
+            ours[key] = stages
+        ours["seconds"] = _seconds(ours["flops"])
+        clips = plan.settings["clips"]
+        per_clip_edit = sum(ours["stages"][s]["flops"] for s in ("denoise", "decode", "condition")) / clips
+        ours["minutes_per_clip"] = {
+            gpu: {"lora": _seconds(ours["stages"]["lora"]["flops"] / clips)[gpu] / 60,
+                  "editing": _seconds(per_clip_edit)[gpu] / 60} for gpu in GPUS
+        }  # fmt: skip
+        # --- the authors' design, by the formulas of method.md §8, checked against our meta runs ----
+        lora = ours["weights_bytes"].get("lora_branch", 0)
+        row = next(p for p in plan.parts if p.what == "inversion step, first clip").cost
+        step_file = capture_bytes(layers, frames, 4)  # spatial Q/K + temporal probabilities, fp32
+        kv32 = kv_bytes(layers, frames, 4)
+        denoise0 = next(p for p in plan.parts if p.what == "matched step, first clip")
+        denoise1 = next((p for p in plan.parts if p.what == "matched step, later clip"), denoise0)
+        weights16 = sum(ours["weights_bytes"].values())
+        # their full maps: one frame's (heads, HW, HW) fp32 scores, P^e, P^s at a time (measured on meta)
+        big = max(layers, key=lambda lay: lay.tokens * lay.channels)
+        q = torch.empty(1, big.tokens, big.channels, device="meta", dtype=torch.float16)
+        with track_allocations() as maps:
+            spatial_match_reference(q, q, q, q, q, big.heads, frame_thresholds(1, (0.35, 0.35)).to("meta"))
+        authors_denoise_flops = 25 * (
+            2 * denoise0.cost.flops - row.flops
+        )  # no source replay; clip i: no K/V replay
+        out[model] = {
+            "ours": ours,
+            "authors": {
+                "stored_bytes_per_step_gpu": step_file,
+                "disk_bytes_per_clip": 25 * step_file,
+                "skip_interval_caches_bytes": 3 * 25 * kv32,
+                "peak_bytes": {
+                    "invert": 2 * (weights16 - lora) + 2 * row.peak_bytes + 2 * (step_file + kv32),
+                    "denoise_first_clip": weights16 + step_file + denoise0.cost.peak_bytes + maps.peak_bytes,
+                    "denoise_later_clip": weights16
+                    + step_file
+                    + kv32
+                    + denoise1.cost.peak_bytes
+                    + maps.peak_bytes,
+                    "lora": ours["stages"]["lora"]["peak_bytes"] + ours["weights_bytes"]["unet"],
+                },
+                "peak_bytes_how": "invert: fp32 models, an fp32 pass (2 × our fp16 one), the step's Q/K and K/V "
+                "twice (deepcopy, save); denoise: fp16 models, the step file on the GPU, our matched step's "
+                "peak, plus one frame's full fp32 maps (measured on meta); lora: fp32 UNet weights, "
+                "our checkpointed step otherwise",
+                "full_maps_one_frame_bytes": maps.peak_bytes,
+                "flops": {
+                    "invert": 2 * 25 * row.flops,
+                    "denoise": authors_denoise_flops,
+                    "lora": ours["stages"]["lora"]["flops"],
+                },
+                "seconds": _seconds(
+                    2 * 25 * row.flops + authors_denoise_flops + ours["stages"]["lora"]["flops"]
+                ),
+            },
+        }
     return out

@@ -10,9 +10,12 @@ is fp32 whatever the UNet's dtype.
 
 from __future__ import annotations
 
+import functools
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ...errors import I2VEditError
 from ...lora.file import LoRAPair
@@ -21,6 +24,27 @@ from ...svd import SVDCond
 
 if TYPE_CHECKING:
     from .host import DiffusersSVDHost
+
+
+def checkpoint_transformers(unet: torch.nn.Module, on: bool) -> None:
+    """Checkpoint each spatio-temporal transformer of ``unet`` in training (``on``), or stop doing so.
+
+    diffusers' gradient checkpointing of the SVD UNet covers its resnets only: the transformers, whose
+    temporal blocks hold every motion-LoRA layer, would keep all their activations (at 512×896, 14
+    frames, most of a training step's memory).
+    """
+    for module in unet.modules():
+        if type(module).__name__ != "TransformerSpatioTemporalModel":
+            continue
+        module.__dict__.pop("forward", None)  # back to the class's forward
+        if on:
+            module.forward = functools.partial(_checkpointed, module, module.forward)
+
+
+def _checkpointed(module: torch.nn.Module, forward: Any, *args: Any, **kwargs: Any) -> Any:
+    if module.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 class DiffusersLoRATrainer:
@@ -53,6 +77,7 @@ class DiffusersLoRATrainer:
             unet.enable_gradient_checkpointing()
         elif unet.is_gradient_checkpointing:
             unet.disable_gradient_checkpointing()
+        checkpoint_transformers(unet, gradient_checkpointing)
         for _, p in self._branch.named_trainable():
             p.requires_grad_(True)
 
@@ -84,7 +109,8 @@ class DiffusersLoRATrainer:
         self._branch.on = True
         dev = self._host.device
         use_autocast = self.autocast_dtype is not None and dev.type == "cuda"
-        with torch.enable_grad(), torch.autocast(dev.type, self.autocast_dtype, enabled=use_autocast):
+        autocast = torch.autocast(dev.type, self.autocast_dtype) if use_autocast else nullcontext()
+        with torch.enable_grad(), autocast:
             return self._host.run_unet(x, sigma, [cond], transformer_options)[0].float()
 
     def export(self) -> dict[str, LoRAPair]:

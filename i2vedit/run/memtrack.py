@@ -65,7 +65,7 @@ def _check_storage_preservation() -> None:
     del probe, t
     if fired or view.untyped_storage() is not view.untyped_storage():
         raise RuntimeError(
-            "i2vedit.tools.memtrack needs torch >= 2.1 (PyObject preservation for storages); this torch "
+            "i2vedit.run.memtrack needs torch >= 2.1 (PyObject preservation for storages); this torch "
             f"{torch.__version__} frees a storage's Python object while the storage lives, so freed "
             "bytes cannot be tracked. Upgrade torch to measure memory."
         )
