@@ -22,6 +22,7 @@ from .io.files import atomic_write, writable_folder, write_text_atomic
 from .io.synthetic import DEMO_SIZE, demo_video
 from .method.controller import PRESETS, MatchConfig
 from .method.inversion import MEMORY_MODES
+from .precision import DTYPES, resolve_dtypes
 from .run.pipeline import MAX_CFG, MAX_CHUNK
 
 SVD_NATIVE_SIZE = (576, 1024)
@@ -244,9 +245,14 @@ def load_diffusers_host(model: str | Path, dtype: torch.dtype = torch.float32):
                 f"could not load the {_DIFFUSERS_PARTS[sub][0]} from {p / sub} ({type(e).__name__}: {reason}); "
                 f"{_DOWNLOAD_HINT}."
             ) from e
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = model_device()
     unet, vae, clip = parts["unet"], parts["vae"], parts["image_encoder"]
     return DiffusersSVDHost(unet.to(device, dtype), vae.to(device), clip.to(device), dtype=dtype)
+
+
+def model_device() -> torch.device:
+    """Where the command line puts the model: the GPU when torch sees one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _stat(path: str, what: str) -> os.stat_result | None:
@@ -372,9 +378,10 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = writable_folder(args.out)
     _check_input_file(args.video, "video", "a video file (mp4, mov, ...)")
     match = None if args.no_matching else MatchConfig.preset(args.preset)
+    denoise_dtype, train_dtype = resolve_dtypes(args.dtype, args.train_dtype, model_device())
     settings = EditSettings(
         chunk=args.chunk, steps=args.steps, match=match, mode=args.memory, lora_steps=args.lora_steps,
-        seed=args.seed, cfg=(1.0, args.max_cfg),
+        seed=args.seed, cfg=(1.0, args.max_cfg), denoise_dtype=denoise_dtype, train_dtype=train_dtype,
     )  # fmt: skip
     settings.validate()
     if args.size:
@@ -498,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--memory", choices=MEMORY_MODES, default="recompute",
                       help="recompute (default): keep latents only; cache: keep attention in RAM (faster, large)")  # fmt: skip
     edit.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="seed of every random draw")
+    edit.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                      help="denoising compute dtype (autocast; weights, inversion and matching scores stay fp32); "
+                      "auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU")  # fmt: skip
+    edit.add_argument("--train-dtype", choices=["auto", *DTYPES], default="auto",
+                      help="motion LoRA training autocast dtype (the LoRA and AdamW state stay fp32); auto: as "
+                      "--dtype. fp16 has no loss scaling: prefer bf16")  # fmt: skip
 
     demo = sub.add_parser(
         "demo", help="run every stage on a tiny random SVD (no downloads, a few minutes on CPU)"

@@ -269,7 +269,7 @@ class ComfyLoRATrainer:
                 g = model_k.inner_model
                 self._make_trainable(g.inner_model)
                 dev = x_in.device
-                use_autocast = self.autocast_dtype is not None and dev.type == "cuda"
+                use_autocast = self.autocast_dtype is not None
                 with torch.autocast(dev.type, self.autocast_dtype, enabled=use_autocast):
                     outs = comfy.samplers.calc_cond_batch(
                         g.inner_model, [g.conds[_COND]], x_in, x_in.new_full([x_in.shape[0]], s),
