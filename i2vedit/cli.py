@@ -521,11 +521,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="print benchmark numbers as one JSON object")
     bench.add_argument(
         "what",
-        choices=["attention", "lora"],
-        help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory",
+        choices=["attention", "lora", "gpu"],
+        help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory; "
+        "gpu: the whole pipeline at full size on random weights (a CUDA GPU; --tiny: the tiny model), time and "
+        "memory per stage",
     )
     bench.add_argument(
         "--reps", type=_int_in(1), default=5, help="timed repetitions per measurement (median)"
+    )
+    gpu = bench.add_argument_group("bench gpu")
+    gpu.add_argument(
+        "--tiny", action="store_true", help="the tiny random SVD at 64×128 instead of the full size"
+    )
+    gpu.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
+    gpu.add_argument("--clips", type=_int_in(1), default=2, help="clips of the synthetic video (default 2)")
+    gpu.add_argument("--chunk", type=_int_in(2, MAX_CHUNK), default=14, help="frames per clip (default 14)")
+    gpu.add_argument(
+        "--steps", type=_int_in(1), default=25, help="denoising and inversion steps (default 25)"
+    )
+    gpu.add_argument("--lora-steps", type=_int_in(0), default=250, help="LoRA steps per clip (default 250)")
+    gpu.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="denoising dtype (as edit)")
+    gpu.add_argument(
+        "--train-dtype", choices=["auto", *DTYPES], default="auto", help="training dtype (as edit)"
     )
     return parser
 
@@ -555,9 +572,15 @@ def main(argv: list[str] | None = None) -> int:
                     "the benchmarks are developer tools (i2vedit/tools), which registry installs leave out; "
                     "run them from a git checkout of the pack."
                 )
-            from .tools import bench
+            from .tools import bench, gpu
 
-            result = bench.bench_attention(reps=args.reps) if args.what == "attention" else bench.bench_lora()
+            if args.what == "gpu":
+                result = gpu.bench_gpu(args.tiny, args.device, None, args.chunk, args.clips, args.steps,
+                                       args.lora_steps, None, args.dtype, args.train_dtype)  # fmt: skip
+            else:
+                result = (
+                    bench.bench_attention(reps=args.reps) if args.what == "attention" else bench.bench_lora()
+                )
         elif args.command == "demo":
             result = run_demo(args.out, progress=not args.quiet)
         else:
