@@ -121,8 +121,8 @@ def bench_gpu(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not tiny_model and dev.type != "cuda":
         raise I2VEditError(
-            f"the full-size bench builds a 1.5 B-parameter UNet and runs 2 clips of 576×1024: it needs a CUDA "
-            f"GPU, and the device is {dev}. Run `bench gpu --tiny` for the same code on the tiny model."
+            f"the full-size bench builds a 1.5 B-parameter UNet and runs the pipeline at 576×1024: it needs a "
+            f"CUDA GPU, and the device is {dev}. Run `bench gpu --tiny` for the same code on the tiny model."
         )
     if clips < 1 or chunk < 2:
         raise I2VEditError(f"give at least 1 clip of at least 2 frames, got {clips} of {chunk}.")
