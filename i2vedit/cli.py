@@ -19,12 +19,12 @@ import torch
 
 from .errors import I2VEditError, ModelFileError
 from .io.files import atomic_write, writable_folder, write_text_atomic
+from .io.synthetic import DEMO_SIZE, demo_video
 from .method.controller import PRESETS, MatchConfig
 from .method.inversion import MEMORY_MODES
+from .precision import DTYPES, resolve_dtypes
 from .run.pipeline import MAX_CFG, MAX_CHUNK
 
-DEMO_SIZE = (128, 192)
-DEMO_FRAMES = 10
 SVD_NATIVE_SIZE = (576, 1024)
 MAX_SIDE = 2048  # each side of --size; SVD was trained at 576×1024
 MAX_CLIP_PIXELS = 14 * 1152 * 2048  # frames per clip × height × width: SVD's 14 frames at twice its size
@@ -51,32 +51,6 @@ def peak_memory_bytes() -> int | None:
         return None
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def demo_video(
-    frames: int = DEMO_FRAMES, size: tuple[int, int] = DEMO_SIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A textured square moving over a flat background (so SARP has work), and its first frame recoloured."""
-    h, w = size
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    background = torch.tensor([0.55, 0.7, 0.85])
-    side = h // 3
-    out, masks = [], []
-    for f in range(frames):
-        top, left = (
-            h // 3 + int(6 * torch.sin(torch.tensor(f / 3.0))),
-            8 + f * (w - side - 16) // max(frames - 1, 1),
-        )
-        inside = (yy >= top) & (yy < top + side) & (xx >= left) & (xx < left + side)
-        checker = (((yy - top) // 6 + (xx - left) // 6) % 2).float()
-        obj = torch.stack([0.9 * checker + 0.1, 0.3 * checker + 0.2, 0.1 + 0 * checker], -1)
-        frame = torch.where(inside[..., None], obj, background.expand(h, w, 3))
-        out.append(frame)
-        masks.append(inside)
-    video = torch.stack(out)
-    edited = video[:1].clone()
-    edited[0][masks[0]] = edited[0][masks[0]][:, [2, 1, 0]] * 0.6 + torch.tensor([0.0, 0.3, 0.4])  # recolour
-    return video, edited.clamp(0, 1)
 
 
 def comparison_image(
@@ -271,9 +245,14 @@ def load_diffusers_host(model: str | Path, dtype: torch.dtype = torch.float32):
                 f"could not load the {_DIFFUSERS_PARTS[sub][0]} from {p / sub} ({type(e).__name__}: {reason}); "
                 f"{_DOWNLOAD_HINT}."
             ) from e
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = model_device()
     unet, vae, clip = parts["unet"], parts["vae"], parts["image_encoder"]
     return DiffusersSVDHost(unet.to(device, dtype), vae.to(device), clip.to(device), dtype=dtype)
+
+
+def model_device() -> torch.device:
+    """Where the command line puts the model: the GPU when torch sees one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _stat(path: str, what: str) -> os.stat_result | None:
@@ -399,9 +378,10 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = writable_folder(args.out)
     _check_input_file(args.video, "video", "a video file (mp4, mov, ...)")
     match = None if args.no_matching else MatchConfig.preset(args.preset)
+    denoise_dtype, train_dtype = resolve_dtypes(args.dtype, args.train_dtype, model_device())
     settings = EditSettings(
         chunk=args.chunk, steps=args.steps, match=match, mode=args.memory, lora_steps=args.lora_steps,
-        seed=args.seed, cfg=(1.0, args.max_cfg),
+        seed=args.seed, cfg=(1.0, args.max_cfg), denoise_dtype=denoise_dtype, train_dtype=train_dtype,
     )  # fmt: skip
     settings.validate()
     if args.size:
@@ -525,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--memory", choices=MEMORY_MODES, default="recompute",
                       help="recompute (default): keep latents only; cache: keep attention in RAM (faster, large)")  # fmt: skip
     edit.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="seed of every random draw")
+    edit.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                      help="denoising compute dtype (autocast; weights, inversion and matching scores stay fp32); "
+                      "auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU")  # fmt: skip
+    edit.add_argument("--train-dtype", choices=["auto", *DTYPES], default="auto",
+                      help="motion LoRA training autocast dtype (the LoRA and AdamW state stay fp32); auto: as "
+                      "--dtype. fp16 has no loss scaling: prefer bf16")  # fmt: skip
 
     demo = sub.add_parser(
         "demo", help="run every stage on a tiny random SVD (no downloads, a few minutes on CPU)"
@@ -535,12 +521,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="print benchmark numbers as one JSON object")
     bench.add_argument(
         "what",
-        choices=["attention", "lora", "plan"],
+        choices=["attention", "lora", "plan", "gpu"],
         help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory; "
-        "plan: the whole edit at full size on the meta device (FLOPs, peak memory, predicted time per stage)",
+        "plan: the whole edit at full size on the meta device (FLOPs, peak memory, predicted time per stage); "
+        "gpu: the whole pipeline at full size on random weights (a CUDA GPU; --tiny: the tiny model), time and "
+        "memory per stage",
     )
     bench.add_argument(
         "--reps", type=_int_in(1), default=5, help="timed repetitions per measurement (median)"
+    )
+    gpu = bench.add_argument_group("bench gpu")
+    gpu.add_argument(
+        "--tiny", action="store_true", help="the tiny random SVD at 64×128 instead of the full size"
+    )
+    gpu.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
+    gpu.add_argument("--clips", type=_int_in(1), default=2, help="clips of the synthetic video (default 2)")
+    gpu.add_argument("--chunk", type=_int_in(2, MAX_CHUNK), default=14, help="frames per clip (default 14)")
+    gpu.add_argument(
+        "--steps", type=_int_in(1), default=25, help="denoising and inversion steps (default 25)"
+    )
+    gpu.add_argument("--lora-steps", type=_int_in(0), default=250, help="LoRA steps per clip (default 250)")
+    gpu.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="denoising dtype (as edit)")
+    gpu.add_argument(
+        "--train-dtype", choices=["auto", *DTYPES], default="auto", help="training dtype (as edit)"
     )
     return parser
 
@@ -570,10 +573,15 @@ def main(argv: list[str] | None = None) -> int:
                     "the benchmarks are developer tools (i2vedit/tools), which registry installs leave out; "
                     "run them from a git checkout of the pack."
                 )
-            from .tools import bench
+            from .tools import bench, gpu
 
-            runs = {"attention": lambda: bench.bench_attention(reps=args.reps), "lora": bench.bench_lora,
-                    "plan": bench.bench_plan}  # fmt: skip
+            runs = {
+                "attention": lambda: bench.bench_attention(reps=args.reps),
+                "lora": bench.bench_lora,
+                "plan": bench.bench_plan,
+                "gpu": lambda: gpu.bench_gpu(args.tiny, args.device, None, args.chunk, args.clips, args.steps,
+                                             args.lora_steps, None, args.dtype, args.train_dtype),
+            }  # fmt: skip
             result = runs[args.what]()
         elif args.command == "demo":
             result = run_demo(args.out, progress=not args.quiet)

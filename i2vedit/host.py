@@ -80,8 +80,10 @@ class SVDHost(Protocol):
         *,
         gradient_checkpointing: bool = False,
         init_seed: int = 0,
+        autocast_dtype: torch.dtype | None = None,
     ) -> LoRATrainable:
-        """A trainable motion LoRA on this host's UNet, starting from the seeded initial LoRA."""
+        """A trainable motion LoRA on this host's UNet, starting from the seeded initial LoRA; its model
+        calls run under autocast in ``autocast_dtype`` when given (the LoRA stays fp32)."""
         ...
 
     def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> SVDHost:

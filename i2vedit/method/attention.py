@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 
 from ..errors import I2VEditError
+from ..precision import outside_autocast
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """A host's own attention kernel: (q, k, v, heads) → out, all (rows, tokens, heads·d)."""
@@ -40,16 +41,18 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q kᵀ/√d) in fp32: (rows, heads, queries, keys)."""
+    """softmax(q kᵀ/√d) in fp32 (also inside an autocast region): (rows, heads, queries, keys)."""
     qh, kh = split_heads(q, heads).float(), split_heads(k, heads).float()
     scale = 1.0 / math.sqrt(qh.shape[-1])
-    return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+    with outside_autocast(q.device):
+        return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
 
 
 def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """probs (rows, heads, queries, keys) applied to values (rows, keys, heads·d), in v's dtype."""
+    """probs (rows, heads, queries, keys) applied to values (rows, keys, heads·d) in fp32, returned in v's dtype."""
     vh = split_heads(v, heads)
-    return merge_heads((probs.float() @ vh.float()).to(v.dtype))
+    with outside_autocast(v.device):
+        return merge_heads((probs.float() @ vh.float()).to(v.dtype))
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -137,7 +140,7 @@ def spatial_match(
     queries_in_block ≤ max(query_chunk, tokens), so peak memory is bounded by the chunk, never by
     the frame count; None picks ``default_query_chunk``. One score matmul per map and one matmul
     with the values per block (the blended map), everything else in place. The scores are fp32
-    whatever the model's dtype, as the authors compute them.
+    whatever the model's dtype, as the authors compute them, also inside an autocast region.
     """
     _check_spatial(q_e, k_e, v_e, q_s, k_s)
     frames, tokens, _ = q_e.shape
@@ -155,19 +158,20 @@ def spatial_match(
     weight = torch.empty_like(diff)
     frame_block = max(1, query_chunk // tokens)
     query_block = min(tokens, query_chunk)
-    for f0 in range(0, frames, frame_block):
-        f1 = min(frames, f0 + frame_block)
-        for a in range(0, tokens, query_block):
-            b = min(tokens, a + query_block)
-            p_e = torch.softmax(qe[f0:f1, :, a:b] @ ke_t[f0:f1], dim=-1)
-            p_s = torch.softmax(qs[f0:f1, :, a:b] @ ks_t[f0:f1], dim=-1)
-            p_e.sub_(p_s)  # p_e now holds P^e − P^s
-            d = torch.linalg.vector_norm(p_e, 1, dim=-1).mean(1).clamp_(0, 2).div_(2)
-            w = blend_weight(d, tau[f0:f1, None])
-            p_e.mul_(w[:, None, :, None]).add_(p_s)  # (1 − M)·P^s + M·P^e
-            torch.matmul(p_e, ve[f0:f1], out=out[f0:f1, :, a:b])
-            diff[f0:f1, a:b], weight[f0:f1, a:b] = d, w
-            del p_e, p_s
+    with outside_autocast(q_e.device):
+        for f0 in range(0, frames, frame_block):
+            f1 = min(frames, f0 + frame_block)
+            for a in range(0, tokens, query_block):
+                b = min(tokens, a + query_block)
+                p_e = torch.softmax(qe[f0:f1, :, a:b] @ ke_t[f0:f1], dim=-1)
+                p_s = torch.softmax(qs[f0:f1, :, a:b] @ ks_t[f0:f1], dim=-1)
+                p_e.sub_(p_s)  # p_e now holds P^e − P^s
+                d = torch.linalg.vector_norm(p_e, 1, dim=-1).mean(1).clamp_(0, 2).div_(2)
+                w = blend_weight(d, tau[f0:f1, None])
+                p_e.mul_(w[:, None, :, None]).add_(p_s)  # (1 − M)·P^s + M·P^e
+                torch.matmul(p_e, ve[f0:f1], out=out[f0:f1, :, a:b])
+                diff[f0:f1, a:b], weight[f0:f1, a:b] = d, w
+                del p_e, p_s
     return merge_heads(out.to(v_e.dtype)), diff, weight
 
 

@@ -49,6 +49,7 @@ from ..method.inversion import Inversion, MemoryMode, check_mode, invert
 from ..method.matching import MatchedClip, MatchedResult
 from ..method.sarp import sarp
 from ..method.skip_interval import SkipInterval
+from ..precision import DtypeName, autocast_dtype, check_device, check_dtype
 from ..seeds import Purpose, derived_seed, generator, train_seed
 from ..svd import LATENT_SCALE
 from .reuse import ReuseFolder, ReuseStore, Span, chain_key, edit_key
@@ -103,6 +104,10 @@ class EditSettings:
     sarp_threshold: float = 0.001
     inversion_fps_id: float = 8.0
     decode_chunk: int = 8
+    # bf16 / fp16: autocast for denoising, and for LoRA training; the inversion, the LoRA's weights and
+    # optimiser state and the matching scores stay fp32 whatever these say (``precision``)
+    denoise_dtype: DtypeName = "fp32"
+    train_dtype: DtypeName = "fp32"
 
     def validate(self) -> EditSettings:
         """Refuse, before any compute, every setting that is not finite or out of its sane range."""
@@ -142,6 +147,8 @@ class EditSettings:
         if self.steps < 1:
             raise I2VEditError(f"denoising needs at least 1 step, got {self.steps}.")
         check_mode(self.mode)
+        check_dtype(self.denoise_dtype, "denoising dtype")
+        check_dtype(self.train_dtype, "LoRA training dtype")
         if self.match is not None:
             self.match.validate()
         TrainConfig(rank=self.lora_rank, steps=max(self.lora_steps, 1), lr=self.lora_lr,
@@ -155,6 +162,7 @@ class EditSettings:
         return {
             "match": asdict(self.match) if self.match is not None else None, "cfg": list(self.cfg),
             "mode": self.mode, "decode_chunk": self.decode_chunk,
+            **_unless_fp32("denoise_dtype", self.denoise_dtype),
         }  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
@@ -164,7 +172,14 @@ class EditSettings:
             "lora_steps": self.lora_steps, "lora_rank": self.lora_rank, "lora_lr": self.lora_lr,
             "lora_target_set": self.lora_target_set, "train_size": self.train_size, "seed": self.seed,
             "sarp": [self.sarp_noise, self.sarp_threshold], "inversion_fps_id": self.inversion_fps_id,
+            **_unless_fp32("train_dtype", self.train_dtype),
         }  # fmt: skip
+
+
+def _unless_fp32(key: str, name: str) -> dict[str, str]:
+    """An identity entry for a reduced dtype; none for fp32, so folders written before the choice existed
+    keep their keys."""
+    return {} if name == "fp32" else {key: name}
 
 
 @dataclass
@@ -257,6 +272,8 @@ def edit_video(
         raise I2VEditError("the video has a single frame; SVD needs at least 2 frames.")
     train_hw = training_hw(height, width, settings)
     check_size(*train_hw)
+    check_device(host.device, settings.denoise_dtype, "denoising dtype")
+    check_device(host.device, settings.train_dtype, "LoRA training dtype")
     fingerprint = host.fingerprint()
     folder = None
     if reuse_dir is not None:
@@ -274,6 +291,7 @@ def edit_video(
         "frames": n, "clips": len(ranges), "clip_ranges": ranges, "edits": len(edits), "size": [height, width],
         "train_size": list(train_hw), "seconds": run.timer.seconds, "calls": run.timer.counts,
         "stored_bytes": run.stored, "edit_keys": run.keys, "warnings": run.store.warnings,
+        "dtypes": {"denoise": settings.denoise_dtype, "train": settings.train_dtype},
     }  # fmt: skip
     videos = [stitch_clips(parts, settings.overlap) for parts in run.outputs]
     return EditResult(videos, [stitch_clips(parts, settings.overlap) for parts in run.masks], report)
@@ -372,7 +390,8 @@ class _Run:
         with self.timer("lora", i):
             result = train_clip_lora(self.host, latents, first_raw, clip_embed, config, i, skip_kv,
                                      should_stop=self.should_stop, callback=_tagged(self.step_callback, i, "lora"),
-                                     checkpoint_dir=checkpoints, resume_from=resume)  # fmt: skip
+                                     checkpoint_dir=checkpoints, resume_from=resume,
+                                     autocast_dtype=autocast_dtype(s.train_dtype))  # fmt: skip
         if result.interrupted:
             raise I2VEditError(
                 f"interrupted while training the LoRA of clip {i + 1}; finished clips"
@@ -434,7 +453,8 @@ class _Run:
             return edit_clip(self.host, lora_host, inv, self.edits[e], self.prev[e], self.denoise_ids,
                              generator(s.seed, i, Purpose.CONDITION, e), s.match, s.cfg, mode, skip_kv,
                              self.skip.capture_kv(i), s.decode_chunk, _tagged(self.step_callback, i, "denoise"),
-                             stage=lambda name: self.timer(name, i))  # fmt: skip
+                             stage=lambda name: self.timer(name, i),
+                             compute_dtype=autocast_dtype(s.denoise_dtype))  # fmt: skip
 
         def write(path: Path, edit: ClipEdit, meta: dict[str, str]) -> None:
             tensors = {"latents": edit.result.latents, "trajectory": edit.result.trajectory, "frames": edit.frames,

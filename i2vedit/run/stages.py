@@ -24,6 +24,7 @@ from ..method.controller import MatchConfig
 from ..method.inversion import Inversion, MemoryMode, StepCallback
 from ..method.matching import MatchedClip, MatchedResult, matched_denoise
 from ..method.skip_interval import EditKV, SourceKV
+from ..precision import autocast_region
 from ..svd import LATENT_SCALE, SVDCond, TimeIds
 
 INVERSION_FORMAT = "i2vedit.inversion/1"
@@ -98,14 +99,17 @@ def train_clip_lora(
     callback: Callable[[dict[str, Any]], None] | None = None,
     gradient_checkpointing: bool = False,
     resume_from: str | Path | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Train one clip's motion LoRA on ``host``'s base model (also inside ComfyUI's inference mode).
 
     ``resume_from``: a checkpoint of the same training (``checkpoint_dir`` of an interrupted run).
+    ``autocast_dtype`` (bf16 / fp16): the model's forward and backward under autocast; the LoRA and its
+    optimiser state stay fp32 (``precision``).
     """
     trainer = host.lora_trainer(
         config.rank, config.target_set, config.dropout, gradient_checkpointing=gradient_checkpointing,
-        init_seed=config.seed,
+        init_seed=config.seed, autocast_dtype=autocast_dtype,
     )  # fmt: skip
     h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
     meta = LoRAWeights({}, clip_index=clip_index, resolution=(h, w), model_fingerprint=host.fingerprint())
@@ -143,16 +147,19 @@ def edit_clip(
     decode_chunk: int = 8,
     callback: StepCallback | None = None,
     stage: Callable[[str], AbstractContextManager[object]] = lambda _: nullcontext(),
+    compute_dtype: torch.dtype | None = None,
 ) -> ClipEdit:
     """Condition on the edited frame (or ``prev``, see ``edit_conditioning``), denoise with matching, decode.
 
     ``base`` is the model that inverted the clip (it also encodes and decodes), ``host`` the one that
     denoises (with the clip's motion LoRA). ``stage(name)`` wraps each of the three parts (timing).
+    ``compute_dtype`` (bf16 / fp16): the denoising's model calls under autocast (``precision``);
+    conditioning and decoding stay fp32.
     """
     with stage("condition"):
         cond = edit_conditioning(base, edited, ids, g, prev)
     clip = MatchedClip(host, inversion, cond, match, cfg, mode, base, skip_kv)
-    with stage("denoise"):
+    with stage("denoise"), autocast_region(host.device, compute_dtype):
         result = clip.run(capture_kv=capture_kv, callback=callback)
     height, width = (8 * n for n in inversion.latent_hw)
     if result.masks is not None:

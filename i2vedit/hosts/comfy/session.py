@@ -140,7 +140,7 @@ class GuiderSession:
         """D(x; σ, c) for each conditioning in name order, from one ``calc_cond_batch`` inside
         ``CFGGuider.sample`` (the model's own dtype and device; gradients when grad mode is on).
 
-        ``prepare`` sees ComfyUI's loaded model first; ``autocast_dtype`` runs the call under CUDA autocast.
+        ``prepare`` sees ComfyUI's loaded model first; ``autocast_dtype`` runs the call under autocast on its device.
         """
         keys = list(self.conds)
         outs: list[torch.Tensor] = []
@@ -152,7 +152,7 @@ class GuiderSession:
             dev = x_in.device
             autocast = (
                 torch.autocast(dev.type, autocast_dtype)
-                if autocast_dtype is not None and dev.type == "cuda"
+                if autocast_dtype is not None
                 else contextlib.nullcontext()
             )
             model, batch = guider.inner_model, [guider.conds[k] for k in keys]

@@ -108,7 +108,7 @@ class DiffusersLoRATrainer:
             )
         self._branch.on = True
         dev = self._host.device
-        use_autocast = self.autocast_dtype is not None and dev.type == "cuda"
+        use_autocast = self.autocast_dtype is not None
         autocast = torch.autocast(dev.type, self.autocast_dtype) if use_autocast else nullcontext()
         with torch.enable_grad(), autocast:
             return self._host.run_unet(x, sigma, [cond], transformer_options)[0].float()
