@@ -177,7 +177,7 @@ def bench_gpu(
         "dtypes": {"weights": "fp32", "inversion": "fp32", **result.report["dtypes"]},
         "memory_measure": "torch.cuda.max_memory_allocated per stage (weights included)"
         if dev.type == "cuda"
-        else "peak tensor bytes per stage beyond the weights (i2vedit.tools.memtrack)",
+        else "peak tensor bytes per stage beyond the weights (i2vedit.run.memtrack)",
         "stages": stages,
         "seconds_build": build_seconds,
         "seconds_run": total,
