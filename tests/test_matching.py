@@ -165,6 +165,29 @@ def test_skip_interval_kv_cache_equals_recompute_and_changes_the_second_clip(hos
     assert _rel(results["recompute"][1].latents, alone.latents) > 1e-3
 
 
+def test_a_matched_step_costs_three_model_rows_and_a_later_clips_six(host, clip, monkeypatch):
+    """Source replay + CFG; a later clip adds the first clip's step, whose one source replay also gives
+    the K/V the later clip's source replay attends to (not replayed a second time)."""
+    z, src, edit = clip
+    inv1 = invert(host, z, src, steps=3)
+    clip1 = MatchedClip(host, inv1, edit)
+    res1 = clip1.run()
+    inv2 = invert(host, z[:3], _cond(3), steps=3, skip_kv=SourceKV(host, inv1))
+    clip2 = MatchedClip(host, inv2, _cond(4), skip_kv=EditKV(clip1, res1))
+    rows = []
+    real = host.denoise
+    monkeypatch.setattr(
+        host, "denoise", lambda x, s, conds, *a, **k: rows.append(len(conds)) or real(x, s, conds, *a, **k)
+    )
+    for k in range(3):
+        rows.clear()
+        clip1.denoised(k, res1.trajectory[k])
+        assert sum(rows) == 3
+        rows.clear()
+        clip2.denoised(k, inv2.x_T)
+        assert sum(rows) == 6, rows
+
+
 def test_the_fused_spatial_kernel_gives_the_fp32_reference_result_over_two_chained_clips(
     host, clip, monkeypatch
 ):

@@ -144,16 +144,28 @@ class MatchedClip:
         return source_capture(self.source_host, self.inversion, j, self.store_dtype)
 
     def denoised(
-        self, step: int, x: torch.Tensor, capture_kv: bool = False, masks: MaskAccumulator | None = None
+        self,
+        step: int,
+        x: torch.Tensor,
+        capture_kv: bool = False,
+        masks: MaskAccumulator | None = None,
+        reference: StepCapture | None = None,
     ) -> tuple[torch.Tensor, StepCapture]:
-        """x0 of denoising step ``step`` at latent ``x``, and what the call captured."""
+        """x0 of denoising step ``step`` at latent ``x``, and what the call captured.
+
+        ``reference``: the step's source attention when the caller has it already (else ``reference``).
+        """
         capture: set[CaptureKind] = {"kv"} if capture_kv else set()
         ctrl = AttentionController(
             capture, self.config, store_dtype=self.store_dtype,
             store_device="cpu" if self.mode == "cache" else None, masks=masks,
         )  # fmt: skip
-        kv = self.skip_kv.at(PHASE_DENOISE, step) if self.skip_kv is not None else None
-        ctrl.begin_step(step, self.steps, reference=self.reference(step), skip_kv=kv)
+        kv = (
+            self.skip_kv.at(PHASE_DENOISE, step, self.inversion.skip_kv) if self.skip_kv is not None else None
+        )
+        if reference is None:
+            reference = self.reference(step)
+        ctrl.begin_step(step, self.steps, reference=reference, skip_kv=kv)
         opts = step_options(ctrl, step, self.steps, PHASE_DENOISE)
         out = self.model(x, self.sigmas[step], model_options={"transformer_options": opts})
         return out, ctrl.take()

@@ -18,8 +18,8 @@ import torch
 from ..errors import I2VEditError
 from ..host import SVDHost
 from . import schedules
-from .controller import StepCapture
-from .inversion import Inversion, replay_source
+from .controller import CaptureKind, StepCapture, paired_step
+from .inversion import MATCH_CAPTURE, Inversion, replay_source
 from .samplers import PHASE_DENOISE, PHASE_INVERT, PHASE_TRAIN
 
 if TYPE_CHECKING:
@@ -60,13 +60,24 @@ class SourceKV(KVProvider):
         self.latent_hw, self.fingerprint = inversion.latent_hw, inversion.fingerprint
         caps = inversion.captures
         self.cached = caps is not None and all(c.kv for c in caps)
+        self._held: tuple[int, StepCapture] | None = None
 
     def at(self, phase: str, step: int) -> StepCapture:
         if phase not in (PHASE_INVERT, PHASE_TRAIN):
             raise I2VEditError(f"the source K/V serve inversion and training, not {phase!r}.")
+        held, self._held = self._held, None
+        if held is not None and held[0] == step:
+            return held[1]
         if self.inversion.captures is not None and self.cached:
             return self.inversion.captures[step]
         return replay_source(self.host, self.inversion, step, {"kv"}, self.store_dtype)
+
+    def replay_holding_kv(self, step: int, capture: frozenset[CaptureKind]) -> StepCapture:
+        """Replay step ``step`` capturing ``capture`` and the K/V, which the next ``at`` of that step
+        returns instead of replaying the same call again (one use)."""
+        out = replay_source(self.host, self.inversion, step, capture | {"kv"}, self.store_dtype)
+        self._held = (step, StepCapture(kv=out.kv))
+        return out
 
     def for_sigma(self, sigma: float) -> StepCapture:
         """K/V for a LoRA training step at noise level ``sigma``: the inversion step just below it."""
@@ -91,12 +102,26 @@ class EditKV(KVProvider):
         self.latent_hw, self.fingerprint = inv.latent_hw, inv.fingerprint
         self.cfg_branches = 1 if clip.cfg is None else 2
 
-    def at(self, phase: str, step: int) -> StepCapture:
+    def at(self, phase: str, step: int, source: SourceKV | None = None) -> StepCapture:
+        """The K/V of denoising step ``step``. ``source``: the later clip's own ``SourceKV``; when it
+        serves the same first-clip inversion, the one replay of that inversion step gives both this
+        call's source attention and the K/V the later clip's source replay asks for next."""
         if phase != PHASE_DENOISE:
             raise I2VEditError(f"the edited K/V serve denoising, not {phase!r}.")
         if self.result.kv_captures is not None:
             return self.result.kv_captures[step]
-        return self.clip.denoised(step, self.result.trajectory[step], capture_kv=True)[1]
+        clip, reference = self.clip, None
+        shared = (
+            source is not None
+            and source.inversion is clip.inversion
+            and source.host is clip.source_host
+            and clip.inversion.captures is None
+            and source.store_dtype == clip.store_dtype
+        )
+        if shared and source is not None and clip.config is not None:
+            j = paired_step(step, clip.steps, clip.config.pair_offset)
+            reference = source.replay_holding_kv(j, MATCH_CAPTURE)
+        return clip.denoised(step, self.result.trajectory[step], capture_kv=True, reference=reference)[1]
 
     def stored_bytes(self) -> int:
         return self.result.stored_bytes()

@@ -35,8 +35,8 @@ from ..hosts.diffusers.single_file import SVD_VAE_CONFIG
 from ..io.synthetic import demo_video
 from ..method.controller import MatchConfig
 from ..precision import resolve_dtypes
-from ..run.pipeline import EditSettings, edit_video
 from ..run.memtrack import AllocationTracker, track_allocations
+from ..run.pipeline import EditSettings, edit_video
 
 FULL_SIZE = (576, 1024)
 TINY_SIZE = (64, 128)
