@@ -139,7 +139,8 @@ def spatial_match(
     The maps of a block are (frames_in_block, heads, queries_in_block, tokens) with frames_in_block ·
     queries_in_block ≤ max(query_chunk, tokens), so peak memory is bounded by the chunk, never by
     the frame count; None picks ``default_query_chunk``. One score matmul per map and one matmul
-    with the values per block (the blended map), everything else in place. The scores are fp32
+    with the values per block (the blended map), everything else in place; only a block (and one
+    frame block's keys and values) is upcast at a time. The scores are fp32
     whatever the model's dtype, as the authors compute them, also inside an autocast region.
     """
     _check_spatial(q_e, k_e, v_e, q_s, k_s)
@@ -148,10 +149,9 @@ def spatial_match(
         query_chunk = default_query_chunk(q_e.device, heads, tokens)
     if query_chunk < 1:
         raise I2VEditError(f"query_chunk must be at least 1, got {query_chunk}.")
-    scale = 1.0 / math.sqrt(q_e.shape[-1] // heads)
-    qe, qs = (split_heads(t, heads).float() * scale for t in (q_e, q_s))
-    ke_t, ks_t = (split_heads(t, heads).float().transpose(-1, -2).contiguous() for t in (k_e, k_s))
-    ve = split_heads(v_e, heads).float()
+    qe, ke, ve = split_heads(q_e, heads), split_heads(k_e, heads), split_heads(v_e, heads)
+    qs, ks = split_heads(q_s, heads), split_heads(k_s, heads)
+    scale = 1.0 / math.sqrt(qe.shape[-1])
     tau = tau.to(q_e.device, torch.float32)
     out = torch.empty_like(ve)
     diff = torch.empty(frames, tokens, device=q_e.device, dtype=torch.float32)
@@ -161,18 +161,20 @@ def spatial_match(
     with outside_autocast(q_e.device):
         for f0 in range(0, frames, frame_block):
             f1 = min(frames, f0 + frame_block)
+            ke_t, ks_t = ke[f0:f1].float().transpose(-1, -2), ks[f0:f1].float().transpose(-1, -2)
+            v_edit = ve[f0:f1].float()
             for a in range(0, tokens, query_block):
                 b = min(tokens, a + query_block)
-                p_e = torch.softmax(qe[f0:f1, :, a:b] @ ke_t[f0:f1], dim=-1)
-                p_s = torch.softmax(qs[f0:f1, :, a:b] @ ks_t[f0:f1], dim=-1)
+                p_e = torch.softmax((qe[f0:f1, :, a:b].float() * scale) @ ke_t, dim=-1)
+                p_s = torch.softmax((qs[f0:f1, :, a:b].float() * scale) @ ks_t, dim=-1)
                 p_e.sub_(p_s)  # p_e now holds P^e − P^s
                 d = torch.linalg.vector_norm(p_e, 1, dim=-1).mean(1).clamp_(0, 2).div_(2)
                 w = blend_weight(d, tau[f0:f1, None])
                 p_e.mul_(w[:, None, :, None]).add_(p_s)  # (1 − M)·P^s + M·P^e
-                torch.matmul(p_e, ve[f0:f1], out=out[f0:f1, :, a:b])
+                out[f0:f1, :, a:b] = p_e @ v_edit
                 diff[f0:f1, a:b], weight[f0:f1, a:b] = d, w
                 del p_e, p_s
-    return merge_heads(out.to(v_e.dtype)), diff, weight
+    return merge_heads(out), diff, weight
 
 
 def concat_kv(
