@@ -48,7 +48,7 @@ from ...method.inversion import Inversion, replay_source
 from ...method.matching import MatchedClip, MatchedResult
 from ...method.schedules import inversion_sigmas
 from ...method.skip_interval import EditKV, SourceKV
-from ...run.memtrack import track_allocations
+from ...run.memtrack import AllocationTracker, track_allocations
 from ...run.stages import edit_conditioning, encode_source
 from ...svd import LATENT_SCALE, TimeIds
 from .host import DiffusersSVDHost
@@ -222,6 +222,18 @@ def weights_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+@contextmanager
+def counting(count_flops: bool = True) -> Iterator[tuple[FlopCounterMode, AllocationTracker]]:
+    """What the block computes (FLOPs; 0 unless ``count_flops``) and allocates (``AllocationTracker``),
+    attention on meta sized as the fused kernel: the measurement of every call of a plan."""
+    flops = FlopCounterMode(display=False)
+    # FlopCounterMode's counting alone: its module tracker holds module outputs (for its backward
+    # hooks) and would inflate the peak bytes, so it is not entered; FLOPs go to "Global".
+    counter = _FlopCounterMode(flops) if count_flops else nullcontext()
+    with _fused_attention_on_meta(), counter, track_allocations() as mem:
+        yield flops, mem
+
+
 class Meter:
     """Measures calls on a host's models: FLOPs, peak bytes and UNet passes (see ``Cost``)."""
 
@@ -238,11 +250,7 @@ class Meter:
     def measure(self, out: list[Cost]) -> Iterator[None]:
         """Measure the block; its ``Cost`` is appended to ``out``."""
         calls, rows = self.calls, self.rows
-        flops = FlopCounterMode(display=False)
-        # FlopCounterMode's counting alone: its module tracker holds module outputs (for its backward
-        # hooks) and would inflate the peak bytes, so it is not entered; FLOPs go to "Global".
-        counting = _FlopCounterMode(flops) if self.count_flops else nullcontext()
-        with _fused_attention_on_meta(), counting, track_allocations() as mem:
+        with counting(self.count_flops) as (flops, mem):
             yield
         out.append(Cost(flops.get_total_flops(), mem.peak_bytes, self.calls - calls, self.rows - rows,
                         mem.live_bytes))  # fmt: skip
