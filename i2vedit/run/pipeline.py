@@ -103,6 +103,7 @@ class EditSettings:
     sarp_threshold: float = 0.001
     inversion_fps_id: float = 8.0
     decode_chunk: int = 8
+    gradient_checkpointing: bool = True  # LoRA training recomputes in its backward: same LoRA, less memory
 
     def validate(self) -> EditSettings:
         """Refuse, before any compute, every setting that is not finite or out of its sane range."""
@@ -372,7 +373,8 @@ class _Run:
         with self.timer("lora", i):
             result = train_clip_lora(self.host, latents, first_raw, clip_embed, config, i, skip_kv,
                                      should_stop=self.should_stop, callback=_tagged(self.step_callback, i, "lora"),
-                                     checkpoint_dir=checkpoints, resume_from=resume)  # fmt: skip
+                                     checkpoint_dir=checkpoints, resume_from=resume,
+                                     gradient_checkpointing=s.gradient_checkpointing)  # fmt: skip
         if result.interrupted:
             raise I2VEditError(
                 f"interrupted while training the LoRA of clip {i + 1}; finished clips"
