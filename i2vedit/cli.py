@@ -23,7 +23,7 @@ from .io.synthetic import DEMO_SIZE, demo_video
 from .method.controller import PRESETS, MatchConfig
 from .method.inversion import MEMORY_MODES
 from .precision import DTYPES, resolve_dtypes
-from .run.pipeline import MAX_CFG, MAX_CHUNK
+from .run.pipeline import MAX_CFG, MAX_CHUNK, EditSettings
 
 SVD_NATIVE_SIZE = (576, 1024)
 MAX_SIDE = 2048  # each side of --size; SVD was trained at 576×1024
@@ -31,6 +31,7 @@ MAX_CLIP_PIXELS = 14 * 1152 * 2048  # frames per clip × height × width: SVD's 
 MAX_VIDEO_BYTES = 8 * 2**30  # the whole video at the generation size, float32 RGB
 MAX_NAME_BYTES = 200  # output file names are cut to this (plus a number and .mp4) to stay under 255
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells use
+DTYPE = torch.float32  # the command line holds all three models in float32
 
 
 def peak_memory_bytes() -> int | None:
@@ -366,6 +367,23 @@ def check_generation_size(size: tuple[int, int], chunk: int) -> None:
         )
 
 
+def check_vram(args: argparse.Namespace, settings: EditSettings, frames: int, size: tuple[int, int]) -> None:
+    """``--max-vram``: plan the run on the meta device (the model's configs, no weights, nothing computed;
+    ``hosts.diffusers.plan``) and refuse it, naming the first stage over the budget, before any model loads."""
+    if args.max_vram is None:
+        return
+    from .hosts.diffusers.plan import GB, model_meta_host, plan_edit
+    from .run.pipeline import training_hw, video_clip_ranges
+
+    ranges, (h, w) = video_clip_ranges(frames, settings), size
+    plan_edit(
+        h, w, max(end - start for start, end in ranges), settings.steps, settings.lora_steps, len(ranges),
+        edits=len(args.first_frame), train_hw=training_hw(h, w, settings), match=settings.match,
+        decode_chunk=settings.decode_chunk, lora_rank=settings.lora_rank, skip_interval=settings.skip_interval,
+        host=model_meta_host(args.model, DTYPE, DTYPE), count_flops=False, max_bytes=args.max_vram * GB,
+    )  # fmt: skip
+
+
 def _reuse_dir(args: argparse.Namespace) -> Path:
     return Path(args.reuse) if getattr(args, "reuse", None) else Path(args.out) / "reuse"
 
@@ -399,7 +417,8 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
             f"{MAX_VIDEO_BYTES / 2**30:.0f} GiB; edit less at once: a shorter --start/--end range, a lower "
             "--sample-fps, or a smaller --size."
         )
-    host = load_diffusers_host(args.model)
+    check_vram(args, settings, n, size)
+    host = load_diffusers_host(args.model, DTYPE)
     reuse = _reuse_dir(args)
     result = edit_frames(host, frames, fps, edits, settings, size=size, reuse_dir=reuse,
                          progress=lambda i: print(f"clip {i['clip'] + 1}/{i['clips']}: {i['stage']}", file=sys.stderr))  # fmt: skip
@@ -511,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--train-dtype", choices=["auto", *DTYPES], default="auto",
                       help="motion LoRA training autocast dtype (the LoRA and AdamW state stay fp32); auto: as "
                       "--dtype. fp16 has no loss scaling: prefer bf16")  # fmt: skip
+    edit.add_argument("--max-vram", type=_float_in(0.001, 10_000), metavar="GB",
+                      help="refuse, before loading the model, a run whose planned GPU memory (weights and the "
+                      "largest call of each stage, on the meta device) is over GB (10^9 bytes) in some stage")  # fmt: skip
 
     demo = sub.add_parser(
         "demo", help="run every stage on a tiny random SVD (no downloads, a few minutes on CPU)"

@@ -352,6 +352,27 @@ def test_a_folder_given_as_the_video_is_named(tmp_path, svd_folder, capsys, no_m
     assert f"the video {folder} is a folder; give a video file" in err and "no video at" not in err
 
 
+def test_a_run_over_max_vram_is_refused_naming_the_stage_before_the_model_loads(
+    tmp_path, svd_folder, capsys, no_model_load
+):
+    from i2vedit.hosts.diffusers.plan import GB, model_meta_host, plan_edit
+
+    # the tiny model's weights alone are over 1 MB: the first stage, the encode, does not fit
+    assert main(_edit(tmp_path, svd_folder, *FAST, "--max-vram", "0.001")) == 2
+    err = _one_line_error(capsys)
+    assert "the encode stage needs about" in err and "over --max-vram 0.001 GB" in err, err
+    assert "Nothing was computed" in err and not list((tmp_path / "o").iterdir())
+    # FAST on the 3-frame video: 2 clips of 2 frames at 64×64; a budget just under the plan's worst stage
+    # refuses that stage, so the command line plans what it will run (clips, frames, steps, no LoRA)
+    stages = plan_edit(64, 64, 2, 2, 0, 2, match=None, host=model_meta_host(svd_folder)).stages()
+    worst = max(stages, key=lambda s: stages[s]["peak_bytes"])
+    budget = (stages[worst]["peak_bytes"] - 1) / GB
+    assert main(_edit(tmp_path, svd_folder, *FAST, "--max-vram", f"{budget!r}")) == 2
+    assert f"the {worst} stage needs about" in _one_line_error(capsys)
+    with pytest.raises(AssertionError, match="the model was loaded"):  # a budget it fits goes on to load
+        main(_edit(tmp_path, svd_folder, *FAST, "--max-vram", f"{(stages[worst]['peak_bytes'] + 1) / GB!r}"))
+
+
 @pytest.mark.parametrize("which", ["--video", "--model", "--out"])
 def test_a_name_longer_than_the_filesystem_allows_is_named(
     tmp_path, svd_folder, capsys, no_model_load, which

@@ -115,6 +115,19 @@ def test_save_then_load_gives_the_same_model_output(host, tmp_path):
     assert (host.denoise(x, 1.5, [cond]) - live).abs().max() > 1e-4, "the LoRA must change the model"
 
 
+def test_gradient_checkpointing_trains_the_same_lora(host):
+    z, first, emb = clip_latents()
+    runs = [
+        train_motion_lora(DiffusersLoRATrainer(host, rank=8, gradient_checkpointing=on), z, first, emb,
+                          _cfg(steps=3, dropout=0.1)).weights  # dropout: the recompute draws the same masks
+        for on in (False, True)
+    ]  # fmt: skip
+    plain, checkpointed = (w.modules for w in runs)
+    assert set(plain) == set(checkpointed)
+    assert all(torch.equal(plain[k][i], checkpointed[k][i]) for k in plain for i in (0, 1))
+    assert any(not torch.equal(plain[k][1], torch.zeros_like(plain[k][1])) for k in plain), "it trained"
+
+
 def trainer_cond(first, emb):
     from i2vedit.lora.train import TRAIN_TIME_IDS
     from i2vedit.svd import SVDCond

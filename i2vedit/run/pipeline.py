@@ -108,6 +108,7 @@ class EditSettings:
     # optimiser state and the matching scores stay fp32 whatever these say (``precision``)
     denoise_dtype: DtypeName = "fp32"
     train_dtype: DtypeName = "fp32"
+    gradient_checkpointing: bool = True  # LoRA training recomputes in its backward: same LoRA, less memory
 
     def validate(self) -> EditSettings:
         """Refuse, before any compute, every setting that is not finite or out of its sane range."""
@@ -391,7 +392,8 @@ class _Run:
             result = train_clip_lora(self.host, latents, first_raw, clip_embed, config, i, skip_kv,
                                      should_stop=self.should_stop, callback=_tagged(self.step_callback, i, "lora"),
                                      checkpoint_dir=checkpoints, resume_from=resume,
-                                     autocast_dtype=autocast_dtype(s.train_dtype))  # fmt: skip
+                                     autocast_dtype=autocast_dtype(s.train_dtype),
+                                     gradient_checkpointing=s.gradient_checkpointing)  # fmt: skip
         if result.interrupted:
             raise I2VEditError(
                 f"interrupted while training the LoRA of clip {i + 1}; finished clips"

@@ -281,7 +281,7 @@ def _seconds(flops: float) -> dict[str, float]:
 
 def bench_plan() -> dict[str, Any]:
     """The whole edit at full size on the meta device (``hosts.diffusers.plan``), ours beside the authors'."""
-    from ..hosts.diffusers.plan import GB, MODEL_FRAMES, full_size_host, plan_edit
+    from ..hosts.diffusers.plan import GB, MODEL_FRAMES, meta_host, plan_edit
 
     out: dict[str, Any] = {
         "how": "models at full size on the meta device; one call of each kind through the real code under "
@@ -291,7 +291,7 @@ def bench_plan() -> dict[str, Any]:
     }  # fmt: skip
     layers = layer_table(FULL_HW, FULL_CHANNELS, HEAD_DIM)
     for model, frames in MODEL_FRAMES.items():
-        plan = plan_edit(576, 1024, frames, host=full_size_host(torch.float16, torch.float16))
+        plan = plan_edit(576, 1024, frames, host=meta_host(torch.float16, torch.float16))
         ours = plan.as_dict()
         for offload in (False, True):
             key = "stages_offloaded" if offload else "stages"

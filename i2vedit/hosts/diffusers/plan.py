@@ -25,9 +25,11 @@ workspaces, the CUDA context (≈0.5 GB), host RAM.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ from ...method.inversion import Inversion, replay_source
 from ...method.matching import MatchedClip, MatchedResult
 from ...method.schedules import inversion_sigmas
 from ...method.skip_interval import EditKV, SourceKV
-from ...run.memtrack import track_allocations
+from ...run.memtrack import AllocationTracker, track_allocations
 from ...run.stages import edit_conditioning, encode_source
 from ...svd import LATENT_SCALE, TimeIds
 from .host import DiffusersSVDHost
@@ -185,25 +187,58 @@ def _build(make: Callable[[], torch.nn.Module], dtype: torch.dtype) -> torch.nn.
         torch.set_default_dtype(default)
 
 
-def full_size_host(
-    dtype: torch.dtype = torch.float16, aux_dtype: torch.dtype = torch.float32
+def meta_host(
+    dtype: torch.dtype = torch.float16,
+    aux_dtype: torch.dtype = torch.float32,
+    unet_config: dict[str, Any] | None = None,
+    vae_config: dict[str, Any] | None = None,
+    clip_config: dict[str, Any] | None = None,
 ) -> DiffusersSVDHost:
-    """SVD at its real size on ``meta``: UNet in ``dtype``, VAE and image encoder in ``aux_dtype``."""
-    unet = _build(UNetSpatioTemporalConditionModel, dtype)  # its default configuration is SVD's
-    vae = _build(lambda: AutoencoderKLTemporalDecoder(**SVD_VAE_CONFIG), aux_dtype)
-    clip = _build(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_CLIP_CONFIG)), aux_dtype)
+    """SVD on ``meta``: UNet in ``dtype``, VAE and image encoder in ``aux_dtype``. The configs (as the
+    models' ``config.json`` hold them) default to the full-size SVD's, which svd and svd_xt share."""
+    unet = _build(lambda: UNetSpatioTemporalConditionModel.from_config(unet_config or {}), dtype)
+    vae = _build(lambda: AutoencoderKLTemporalDecoder.from_config(vae_config or SVD_VAE_CONFIG), aux_dtype)
+    clip = _build(
+        lambda: CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(clip_config or SVD_CLIP_CONFIG)),
+        aux_dtype,
+    )
     return DiffusersSVDHost(unet, vae, clip, dtype=dtype)
+
+
+def model_meta_host(
+    model: str | Path, dtype: torch.dtype = torch.float32, aux_dtype: torch.dtype = torch.float32
+) -> DiffusersSVDHost:
+    """The SVD at ``model`` on ``meta``, its weights never read: a diffusers folder's ``config.json``
+    files, or (a single-file checkpoint, whose layout is SVD's) the full-size SVD's configs."""
+    p = Path(model)
+    if p.is_file():
+        return meta_host(dtype, aux_dtype)
+    unet, vae, clip = (json.loads((p / sub / "config.json").read_text(encoding="utf-8"))
+                       for sub in ("unet", "vae", "image_encoder"))  # fmt: skip
+    return meta_host(dtype, aux_dtype, unet, vae, clip)
 
 
 def weights_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+@contextmanager
+def counting(count_flops: bool = True) -> Iterator[tuple[FlopCounterMode, AllocationTracker]]:
+    """What the block computes (FLOPs; 0 unless ``count_flops``) and allocates (``AllocationTracker``),
+    attention on meta sized as the fused kernel: the measurement of every call of a plan."""
+    flops = FlopCounterMode(display=False)
+    # FlopCounterMode's counting alone: its module tracker holds module outputs (for its backward
+    # hooks) and would inflate the peak bytes, so it is not entered; FLOPs go to "Global".
+    counter = _FlopCounterMode(flops) if count_flops else nullcontext()
+    with _fused_attention_on_meta(), counter, track_allocations() as mem:
+        yield flops, mem
+
+
 class Meter:
     """Measures calls on a host's models: FLOPs, peak bytes and UNet passes (see ``Cost``)."""
 
-    def __init__(self, host: DiffusersSVDHost) -> None:
-        self.host = host
+    def __init__(self, host: DiffusersSVDHost, count_flops: bool = True) -> None:
+        self.host, self.count_flops = host, count_flops
         self.calls = self.rows = 0
         host.unet.register_forward_pre_hook(self._count)
 
@@ -215,10 +250,7 @@ class Meter:
     def measure(self, out: list[Cost]) -> Iterator[None]:
         """Measure the block; its ``Cost`` is appended to ``out``."""
         calls, rows = self.calls, self.rows
-        flops = FlopCounterMode(display=False)
-        # FlopCounterMode's counting alone: its module tracker holds module outputs (for its backward
-        # hooks) and would inflate the peak bytes, so it is not entered; FLOPs go to "Global".
-        with _fused_attention_on_meta(), _FlopCounterMode(flops), track_allocations() as mem:
+        with counting(self.count_flops) as (flops, mem):
             yield
         out.append(Cost(flops.get_total_flops(), mem.peak_bytes, self.calls - calls, self.rows - rows,
                         mem.live_bytes))  # fmt: skip
@@ -256,23 +288,27 @@ def plan_edit(
     dtype: torch.dtype = torch.float16,
     aux_dtype: torch.dtype = torch.float32,
     host: DiffusersSVDHost | None = None,
+    count_flops: bool = True,
+    max_bytes: float | None = None,
 ) -> EditPlan:
     """The plan of ``edit_video`` (recompute mode, CFG, LoRA training with gradient checkpointing) for
     ``clips`` clips of ``frames`` frames at ``height``×``width``; ``host`` (its dtypes rule) defaults to
     full-size SVD on meta in ``dtype`` (UNet) and ``aux_dtype`` (VAE, image encoder).
     Peaks come with all three models on the device (as the pipeline keeps them) and, as a design to
-    size, with the VAE and image encoder off it while the UNet stages run (``offload_aux``)."""
-    host = host or full_size_host(dtype, aux_dtype)
+    size, with the VAE and image encoder off it while the UNet stages run (``offload_aux``).
+    ``count_flops=False``: peaks only (FLOPs 0, about a quarter faster); ``max_bytes``: ``check_budget``
+    after each call, so a run that does not fit is refused at its first stage over the budget."""
+    host = host or meta_host(dtype, aux_dtype)
     dtype, aux_dtype = host.dtype, next(host.vae.parameters()).dtype
     if host.device != META:
-        raise I2VEditError("a plan runs on a host whose models are on the meta device (full_size_host).")
+        raise I2VEditError("a plan runs on a host whose models are on the meta device (meta_host).")
     train_hw = train_hw or training_size(height, width)
     if train_hw[0] * train_hw[1] > height * width:
         train_hw = (height, width)
     hw, lhw, train_lhw = (height, width), (height // 8, width // 8), (train_hw[0] // 8, train_hw[1] // 8)
     later = clips - 1
     skip = skip_interval and later > 0
-    meter = Meter(host)
+    meter = Meter(host, count_flops)
     g = torch.Generator().manual_seed(0)
     weights = {"unet": weights_bytes(host.unet), "vae": weights_bytes(host.vae),
                "image_encoder": weights_bytes(host.image_encoder)}  # fmt: skip
@@ -292,6 +328,8 @@ def plan_edit(
     def add(stage: str, what: str, calls: int, cost: Cost, extra: int = 0) -> None:
         if calls > 0:
             plan.parts.append(StagePart(stage, what, calls, cost, base, unet_only, extra))
+            if max_bytes is not None:
+                check_budget(plan, max_bytes)
 
     # --- encode and invert: the first clip, then a later clip (with the first clip's K/V) ---------
     conds = []
@@ -324,7 +362,7 @@ def plan_edit(
                 add("invert_train_res", "its inversion step at the training size", steps,
                     meter.cost(lambda: replay_source(host, train_inv, 0, set())))  # fmt: skip
         latents = torch.zeros(frames, 4, *train_lhw)
-        first, embed = latents[:1] / LATENT_SCALE, torch.zeros(1, 1, SVD_CLIP_CONFIG["projection_dim"])
+        first, embed = latents[:1] / LATENT_SCALE, torch.zeros(1, 1, host.image_encoder.config.projection_dim)
         for label, kv, n in (
             ("first clip", None, 1),
             ("later clip (first clip's K/V replayed)", train_kv, later),
@@ -408,10 +446,8 @@ def check_budget(plan: EditPlan, max_bytes: float) -> None:
     for name, stage in plan.stages().items():  # the pipeline keeps all three models on the device
         if stage["peak_bytes"] > max_bytes:
             raise I2VEditError(
-                f"the {name} stage needs about {stage['peak_bytes'] / GB:.1f} GB of GPU memory at "
+                f"the {name} stage needs about {stage['peak_bytes'] / GB:.3g} GB of GPU memory at "
                 f"{s['height']}×{s['width']}, {s['frames']} frames per clip (training at "
                 f"{s['train_size'][0]}×{s['train_size'][1]}, UNet {s['dtype']}), over --max-vram "
-                f"{max_bytes / GB:g} GB; use {ADVICE.get(name, 'a smaller --size')}"
-                + ("" if s["dtype"] != "float32" else ", or --dtype float16")
-                + ". Nothing was computed."
+                f"{max_bytes / GB:g} GB; use {ADVICE.get(name, 'a smaller --size')}. Nothing was computed."
             )

@@ -47,6 +47,27 @@ def tiny_unet_config() -> dict[str, Any]:
     }
 
 
+def tiny_vae_config() -> dict[str, Any]:
+    return {
+        "block_out_channels": VAE_CHANNELS,
+        "down_block_types": ("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+    }
+
+
+def tiny_clip_config() -> dict[str, Any]:
+    return {
+        "hidden_size": CLIP_HIDDEN,
+        "intermediate_size": 2 * CLIP_HIDDEN,
+        "num_hidden_layers": CLIP_LAYERS,
+        "num_attention_heads": CLIP_HEADS,
+        "image_size": CLIP_IMAGE_SIZE,
+        "patch_size": CLIP_PATCH,
+        "projection_dim": CONTEXT_DIM,
+    }
+
+
 def sharpen_self_attention(host: DiffusersSVDHost, factor: float = 3.0) -> DiffusersSVDHost:
     """Scale the 32 self-attention layers' Q/K projections so a random-weight model's maps are peaked.
 
@@ -66,23 +87,8 @@ def build_tiny_diffusers_host(seed: int = 0, dtype: torch.dtype = torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNetSpatioTemporalConditionModel(**tiny_unet_config())
-        vae = AutoencoderKLTemporalDecoder(
-            block_out_channels=VAE_CHANNELS,
-            down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-            layers_per_block=1,
-            latent_channels=4,
-        )
-        clip = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=CLIP_HIDDEN,
-                intermediate_size=2 * CLIP_HIDDEN,
-                num_hidden_layers=CLIP_LAYERS,
-                num_attention_heads=CLIP_HEADS,
-                image_size=CLIP_IMAGE_SIZE,
-                patch_size=CLIP_PATCH,
-                projection_dim=CONTEXT_DIM,
-            )
-        )
+        vae = AutoencoderKLTemporalDecoder(**tiny_vae_config())
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**tiny_clip_config()))
     if dtype != torch.float32:
         unet = unet.to(dtype)
     return DiffusersSVDHost(unet, vae, clip, dtype=dtype)
