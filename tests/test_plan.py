@@ -88,9 +88,10 @@ def test_the_plan_of_the_tiny_model_passes_the_unet_as_the_method_does(tiny_meta
             lora_steps, 2, 2),
         # source replay (1 row) + the edit with CFG (2 rows)
         "matched step, first clip": (edits * steps, 2, 3),
-        # its source replay with the first clip's source replayed (1 + 1), the first clip's matched call
-        # replayed for the edited K/V (1 + 2), its own edit with CFG (2)
-        "matched step, later clip": (edits * steps, 5, 7),
+        # the first clip's source replay (1: its attention and the K/V this clip's source replay attends
+        # to), the first clip's matched call replayed for the edited K/V (2), this clip's source replay
+        # (1) and its own edit with CFG (2)
+        "matched step, later clip": (edits * steps, 4, 6),
     }  # fmt: skip
     got = {p.what: (p.calls, p.cost.unet_calls, p.cost.unet_rows) for p in plan.parts if p.cost.unet_calls}
     assert got == expected

@@ -127,6 +127,13 @@ class EditPlan:
     weights_bytes: dict[str, int]
     parts: list[StagePart] = field(default_factory=list)
     kept_bytes: dict[str, int] = field(default_factory=dict)
+    plain_step: Cost | None = None  # a CFG step without matching, for the ratio (not a call of the run)
+
+    def matched_over_plain_step_flops(self) -> dict[str, float]:
+        """Each matched step's FLOPs over a plain CFG step's (two UNet rows) at the same size."""
+        if self.plain_step is None or not self.plain_step.flops:
+            return {}
+        return {p.what: p.cost.flops / self.plain_step.flops for p in self.parts if p.stage == "denoise"}
 
     def stages(self, offload_aux: bool = False) -> dict[str, dict[str, Any]]:
         """Per stage: its worst peak (weights included), FLOPs and UNet passes over the whole run."""
@@ -148,6 +155,8 @@ class EditPlan:
             "flops": sum(s["flops"] for s in stages.values()),
             "unet_rows": sum(s["unet_rows"] for s in stages.values()),
             "kept_bytes": self.kept_bytes, "parts": [p.as_dict() for p in self.parts],
+            "plain_cfg_step": self.plain_step.as_dict() if self.plain_step else None,
+            "matched_over_plain_step_flops": self.matched_over_plain_step_flops(),
         }  # fmt: skip
 
 
@@ -412,6 +421,10 @@ def plan_edit(
                 edits * n * steps,
                 meter.cost(functools.partial(clip.denoised, 0, x)),
             )
+    if count_flops:
+        uncond = cond.unconditional()
+        plain_cfg = functools.partial(lora_host.denoise, x, float(clip0.sigmas[0]), [uncond, cond])
+        plan.plain_step = meter.cost(plain_cfg)
     z = torch.empty(min(decode_chunk, frames), 4, *lhw, device=META, dtype=aux_dtype)
     decoded = frames * 3 * height * width * 4  # the float32 frames vae_decode gathers before its CPU copy
     for n_chunk, count in _chunks(frames, decode_chunk):
