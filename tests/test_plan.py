@@ -95,9 +95,14 @@ def test_the_plan_of_the_tiny_model_passes_the_unet_as_the_method_does(tiny_meta
     }  # fmt: skip
     got = {p.what: (p.calls, p.cost.unet_calls, p.cost.unet_rows) for p in plan.parts if p.cost.unet_calls}
     assert got == expected
+    assert plan.plain_step is not None and (plan.plain_step.unet_calls, plan.plain_step.unet_rows) == (1, 2)
+    ratios = plan.matched_over_plain_step_flops()
+    assert (
+        1.0 < ratios["matched step, first clip"] < ratios["matched step, later clip"]
+    )  # tiny: LoRA rows weigh more
     stages = plan.stages()
     assert stages["invert"]["unet_rows"] == steps * 1 + (clips - 1) * steps * 2
     assert stages["lora"]["unet_rows"] == lora_steps * 1 + (clips - 1) * lora_steps * 2
-    assert stages["denoise"]["unet_rows"] == edits * (steps * 3 + (clips - 1) * steps * 7)
+    assert stages["denoise"]["unet_rows"] == edits * (steps * 3 + (clips - 1) * steps * 6)
     assert all(stages[s]["unet_rows"] == 0 for s in ("encode", "condition", "decode"))
     assert all(s["flops"] > 0 and s["peak_bytes"] > sum(plan.weights_bytes.values()) for s in stages.values())
