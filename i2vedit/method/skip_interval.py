@@ -102,26 +102,32 @@ class EditKV(KVProvider):
         self.latent_hw, self.fingerprint = inv.latent_hw, inv.fingerprint
         self.cfg_branches = 1 if clip.cfg is None else 2
 
-    def at(self, phase: str, step: int, source: SourceKV | None = None) -> StepCapture:
-        """The K/V of denoising step ``step``. ``source``: the later clip's own ``SourceKV``; when it
-        serves the same first-clip inversion, the one replay of that inversion step gives both this
-        call's source attention and the K/V the later clip's source replay asks for next."""
+    def at(self, phase: str, step: int, first_reference: StepCapture | None = None) -> StepCapture:
+        """The K/V of denoising step ``step``; ``first_reference``: the first clip's source attention of
+        that step when the caller has replayed it already (``replay_first_source``)."""
         if phase != PHASE_DENOISE:
             raise I2VEditError(f"the edited K/V serve denoising, not {phase!r}.")
         if self.result.kv_captures is not None:
             return self.result.kv_captures[step]
-        clip, reference = self.clip, None
-        shared = (
-            source is not None
-            and source.inversion is clip.inversion
-            and source.host is clip.source_host
-            and clip.inversion.captures is None
-            and source.store_dtype == clip.store_dtype
-        )
-        if shared and source is not None and clip.config is not None:
-            j = paired_step(step, clip.steps, clip.config.pair_offset)
-            reference = source.replay_holding_kv(j, MATCH_CAPTURE)
-        return clip.denoised(step, self.result.trajectory[step], capture_kv=True, reference=reference)[1]
+        trajectory = self.result.trajectory
+        return self.clip.denoised(step, trajectory[step], capture_kv=True, reference=first_reference)[1]
+
+    def replay_first_source(self, step: int, source: SourceKV | None) -> StepCapture | None:
+        """For a later clip's denoising step ``step`` in recompute mode: one replay of the first clip's
+        source step that gives both the attention its edit call matches against and the K/V ``source``
+        (the later clip's own ``SourceKV``) serves its source replay next. None where they differ."""
+        clip = self.clip
+        if (
+            self.result.kv_captures is not None
+            or clip.config is None
+            or source is None
+            or source.inversion is not clip.inversion
+            or source.host is not clip.source_host
+            or clip.inversion.captures is not None
+            or source.store_dtype != clip.store_dtype
+        ):
+            return None
+        return source.replay_holding_kv(paired_step(step, clip.steps, clip.config.pair_offset), MATCH_CAPTURE)
 
     def stored_bytes(self) -> int:
         return self.result.stored_bytes()
