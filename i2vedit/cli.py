@@ -381,6 +381,7 @@ def check_vram(args: argparse.Namespace, settings: EditSettings, frames: int, si
         edits=len(args.first_frame), train_hw=training_hw(h, w, settings), match=settings.match,
         decode_chunk=settings.decode_chunk, lora_rank=settings.lora_rank, skip_interval=settings.skip_interval,
         host=model_meta_host(args.model, DTYPE, DTYPE), count_flops=False, max_bytes=args.max_vram * GB,
+        low_memory=args.low_memory,
     )  # fmt: skip
 
 
@@ -419,6 +420,8 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
         )
     check_vram(args, settings, n, size)
     host = load_diffusers_host(args.model, DTYPE)
+    if args.low_memory:
+        host.low_memory()
     reuse = _reuse_dir(args)
     result = edit_frames(host, frames, fps, edits, settings, size=size, reuse_dir=reuse,
                          progress=lambda i: print(f"clip {i['clip'] + 1}/{i['clips']}: {i['stage']}", file=sys.stderr))  # fmt: skip
@@ -530,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--train-dtype", choices=["auto", *DTYPES], default="auto",
                       help="motion LoRA training autocast dtype (the LoRA and AdamW state stay fp32); auto: as "
                       "--dtype. fp16 has no loss scaling: prefer bf16")  # fmt: skip
+    edit.add_argument("--low-memory", action="store_true",
+                      help="less GPU memory, a little slower: one CFG branch per UNet call and the VAE and "
+                      "image encoder off the GPU while the UNet runs (same results)")  # fmt: skip
     edit.add_argument("--max-vram", type=_float_in(0.001, 10_000), metavar="GB",
                       help="refuse, before loading the model, a run whose planned GPU memory (weights and the "
                       "largest call of each stage, on the meta device) is over GB (10^9 bytes) in some stage")  # fmt: skip
@@ -567,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument(
         "--train-dtype", choices=["auto", *DTYPES], default="auto", help="training dtype (as edit)"
     )
+    gpu.add_argument("--low-memory", action="store_true", help="as edit --low-memory")
     return parser
 
 
@@ -602,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                 "lora": bench.bench_lora,
                 "plan": bench.bench_plan,
                 "gpu": lambda: gpu.bench_gpu(args.tiny, args.device, None, args.chunk, args.clips, args.steps,
-                                             args.lora_steps, None, args.dtype, args.train_dtype),
+                                             args.lora_steps, None, args.dtype, args.train_dtype,
+                                             low_memory=args.low_memory),
             }  # fmt: skip
             result = runs[args.what]()
         elif args.command == "demo":

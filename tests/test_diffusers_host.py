@@ -185,3 +185,38 @@ def test_the_attention_controller_is_let_go_after_a_call_and_after_a_failing_cal
     del bad
     gc.collect()
     assert ref() is None
+
+
+def test_low_memory_runs_one_conditioning_per_unet_call_with_the_same_matched_result():
+    """``low_memory``: a matched CFG step's rows one after the other (the VAE and CLIP offload moves
+    modules between devices, which only a GPU run shows: ``bench gpu --low-memory``)."""
+    from i2vedit.method.inversion import invert
+    from i2vedit.method.matching import MatchedClip, matched_denoise
+    from i2vedit.method.skip_interval import EditKV, SourceKV
+
+    host = build_tiny_diffusers_host(seed=0)
+    frames = moving_pattern()
+    z = host.vae_encode(frames) * LATENT_SCALE
+    cond = SVDCond(host.encode_clip(frames[:1]), host.vae_encode(frames[:1]), TimeIds(8, 127, 0.02))
+    edit = SVDCond(host.encode_clip(frames[-1:]), host.vae_encode(frames[-1:]), TimeIds(6, 127, 0.02))
+
+    def two_clips():
+        inv1 = invert(host, z, cond, steps=3)
+        clip1 = MatchedClip(host, inv1, edit)
+        res1 = clip1.run()
+        inv2 = invert(host, z[:3], cond, steps=3, skip_kv=SourceKV(host, inv1))
+        return res1.latents, matched_denoise(host, inv2, edit, skip_kv=EditKV(clip1, res1)).latents
+
+    batched = two_clips()
+    rows: list[int] = []
+    hook = host.unet.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    host.low_memory()
+    try:
+        one_by_one = two_clips()
+        assert rows and set(rows) == {1}
+    finally:
+        hook.remove()
+        host.low_memory(False)
+    assert host.rows_per_call is None and not host.offload_aux
+    for a, b in zip(one_by_one, batched):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -300,6 +300,14 @@ def bench_plan() -> dict[str, Any]:
                 st["fits_16gb"] = st["peak_bytes"] <= 16 * GB
                 st["seconds"] = _seconds(st["flops"])
             ours[key] = stages
+        # --low-memory: one CFG branch per UNet call, VAE and image encoder off the device meanwhile
+        low = plan_edit(576, 1024, frames, host=meta_host(torch.float16, torch.float16), count_flops=False,
+                        low_memory=True).stages()  # fmt: skip
+        ours["stages_low_memory"] = {
+            name: {"peak_bytes": st["peak_bytes"], "fits_16gb": st["peak_bytes"] <= 16 * GB}
+            for name, st in low.items()
+        }
+        ours["peak_bytes_low_memory"] = max(st["peak_bytes"] for st in low.values())
         ours["seconds"] = _seconds(ours["flops"])
         clips = plan.settings["clips"]
         per_clip_edit = sum(ours["stages"][s]["flops"] for s in ("denoise", "decode", "condition")) / clips

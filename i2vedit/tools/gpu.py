@@ -112,11 +112,13 @@ def bench_gpu(
     dtype: str = "auto",
     train_dtype: str = "auto",
     seed: int = 0,
+    low_memory: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline once on a synthetic ``clips``-clip video and report seconds and memory per stage.
 
     Defaults are the full-size run (``tiny_model=False``: needs a CUDA GPU). ``dtype`` / ``train_dtype``:
-    as ``edit``'s ``--dtype`` / ``--train-dtype`` (``precision.resolve_dtypes``).
+    as ``edit``'s ``--dtype`` / ``--train-dtype`` (``precision.resolve_dtypes``); ``low_memory``: as
+    ``edit --low-memory`` (``DiffusersSVDHost.low_memory``).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not tiny_model and dev.type != "cuda":
@@ -145,6 +147,8 @@ def bench_gpu(
             module.to(dev)
     else:
         host = build_full_host(dev)
+    if low_memory:
+        host.low_memory()
     build_seconds = time.perf_counter() - t0
 
     tracker = None if dev.type == "cuda" else track_allocations()
@@ -164,7 +168,7 @@ def bench_gpu(
     run_settings = {
         "chunk": chunk, "steps": steps, "lora_steps": lora_steps, "lora_rank": settings.lora_rank,
         "train_size": result.report["train_size"], "matching": "local", "mode": settings.mode,
-        "skip_interval": settings.skip_interval,
+        "skip_interval": settings.skip_interval, "low_memory": low_memory,
     }  # fmt: skip
     return {
         "model": "tiny random-weight SVD"

@@ -5,7 +5,8 @@ It runs the command line and lets CI exercise the whole method on a real model l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ class DiffusersSVDHost:
     name = "diffusers"
     lora_branch: LoRABranch | None = None  # the motion-LoRA branch on the UNet (``attach_branch``)
     lora_hooks: Sequence[RemovableHandle] = ()  # its forward hooks on the target linears
+    rows_per_call: int | None = None  # conditionings per UNet call (None: all of a denoise in one call)
+    offload_aux: bool = False  # VAE and image encoder kept on the CPU, on the device only while they run
 
     def __init__(
         self,
@@ -89,6 +92,30 @@ class DiffusersSVDHost:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def low_memory(self, on: bool = True) -> None:
+        """Trade a little speed for memory: one conditioning per UNet call (a CFG step's rows one after
+        the other: same FLOPs, half the activations) and the VAE and image encoder off the device
+        while the UNet runs. Results are unchanged up to the kernels' batch-size rounding."""
+        self.rows_per_call, self.offload_aux = (1, True) if on else (None, False)
+        for module in (self.vae, self.image_encoder):
+            module.to("cpu" if on else self.device)
+
+    def owner(self) -> DiffusersSVDHost:
+        """The host whose models these are and whose memory settings rule (a LoRA view: its base)."""
+        return self
+
+    @contextmanager
+    def _resident(self, module: torch.nn.Module) -> Iterator[None]:
+        """``module`` on the UNet's device while it runs (``offload_aux``: back to the CPU afterwards)."""
+        if not self.owner().offload_aux:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+
     @torch.no_grad()
     def denoise(
         self,
@@ -98,7 +125,13 @@ class DiffusersSVDHost:
         transformer_options: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         self._switch_branch()
-        return self.run_unet(x, sigma, conds, transformer_options)
+        n = self.owner().rows_per_call or len(conds)
+        if len(conds) <= n:
+            return self.run_unet(x, sigma, conds, transformer_options)
+        parts = [
+            self.run_unet(x, sigma, conds[i : i + n], transformer_options) for i in range(0, len(conds), n)
+        ]
+        return torch.cat(parts)
 
     def attach_branch(self, rank: int, target_set: str) -> LoRABranch:
         """This host's LoRA branch for ``rank`` / ``target_set``: forward hooks on its UNet's target linears,
@@ -201,7 +234,8 @@ class DiffusersSVDHost:
         )
         px = (px - self.clip_mean.to(px.device)) / self.clip_std.to(px.device)
         enc_dtype = next(self.image_encoder.parameters()).dtype
-        embeds = self.image_encoder(pixel_values=px.to(enc_dtype)).image_embeds
+        with self._resident(self.image_encoder):
+            embeds = self.image_encoder(pixel_values=px.to(enc_dtype)).image_embeds
         return embeds.float().unsqueeze(1)
 
     @torch.no_grad()
@@ -209,8 +243,9 @@ class DiffusersSVDHost:
         self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         px = self._pixels(images) * 2.0 - 1.0
-        dist = self.vae.encode(px.to(next(self.vae.parameters()).dtype)).latent_dist
-        return (dist.sample(generator=generator) if sample else dist.mode()).float()
+        with self._resident(self.vae):
+            dist = self.vae.encode(px.to(next(self.vae.parameters()).dtype)).latent_dist
+            return (dist.sample(generator=generator) if sample else dist.mode()).float()
 
     @torch.no_grad()
     def vae_decode(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
@@ -218,10 +253,11 @@ class DiffusersSVDHost:
             raise I2VEditError(f"decode chunk must be at least 1 frame, got {chunk}.")
         vae_dtype = next(self.vae.parameters()).dtype
         frames = []
-        for start in range(0, latents.shape[0], chunk):
-            # one memory layout whatever made the latent: the conv kernels (and so the bits) depend on it
-            z = latents[start : start + chunk].to(self.device, vae_dtype).contiguous()
-            frames.append(self.vae.decode(z, num_frames=z.shape[0]).sample.float())
+        with self._resident(self.vae):
+            for start in range(0, latents.shape[0], chunk):
+                # one memory layout whatever made the latent: the conv kernels (and so the bits) depend on it
+                z = latents[start : start + chunk].to(self.device, vae_dtype).contiguous()
+                frames.append(self.vae.decode(z, num_frames=z.shape[0]).sample.float())
         out = torch.cat(frames)
         return ((out + 1.0) * 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
@@ -238,6 +274,9 @@ class _OnBase(DiffusersSVDHost):
             base.dtype,
         )
         self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
+
+    def owner(self) -> DiffusersSVDHost:
+        return self.base
 
     def lora_trainer(
         self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any

@@ -135,8 +135,11 @@ class EditPlan:
             return {}
         return {p.what: p.cost.flops / self.plain_step.flops for p in self.parts if p.stage == "denoise"}
 
-    def stages(self, offload_aux: bool = False) -> dict[str, dict[str, Any]]:
-        """Per stage: its worst peak (weights included), FLOPs and UNet passes over the whole run."""
+    def stages(self, offload_aux: bool | None = None) -> dict[str, dict[str, Any]]:
+        """Per stage: its worst peak (weights included), FLOPs and UNet passes over the whole run.
+        ``offload_aux`` None: as the planned run keeps the VAE and image encoder (``low_memory``)."""
+        if offload_aux is None:
+            offload_aux = bool(self.settings.get("low_memory"))
         out: dict[str, dict[str, Any]] = {}
         for p in self.parts:
             s = out.setdefault(p.stage, {"peak_bytes": 0, "flops": 0, "unet_calls": 0, "unet_rows": 0})
@@ -299,6 +302,7 @@ def plan_edit(
     host: DiffusersSVDHost | None = None,
     count_flops: bool = True,
     max_bytes: float | None = None,
+    low_memory: bool = False,
 ) -> EditPlan:
     """The plan of ``edit_video`` (recompute mode, CFG, LoRA training with gradient checkpointing) for
     ``clips`` clips of ``frames`` frames at ``height``×``width``; ``host`` (its dtypes rule) defaults to
@@ -306,8 +310,23 @@ def plan_edit(
     Peaks come with all three models on the device (as the pipeline keeps them) and, as a design to
     size, with the VAE and image encoder off it while the UNet stages run (``offload_aux``).
     ``count_flops=False``: peaks only (FLOPs 0, about a quarter faster); ``max_bytes``: ``check_budget``
-    after each call, so a run that does not fit is refused at its first stage over the budget."""
+    after each call, so a run that does not fit is refused at its first stage over the budget.
+    ``low_memory``: the run of ``DiffusersSVDHost.low_memory`` (one conditioning per UNet call, the VAE
+    and image encoder off the device while the UNet runs)."""
     host = host or meta_host(dtype, aux_dtype)
+    rows_per_call, host.rows_per_call = host.rows_per_call, 1 if low_memory else None
+    try:
+        return _plan(host, height, width, frames, steps, lora_steps, clips, edits, train_hw, match, decode_chunk,
+                     lora_rank, skip_interval, count_flops, max_bytes, low_memory)  # fmt: skip
+    finally:
+        host.rows_per_call = rows_per_call
+
+
+def _plan(
+    host: DiffusersSVDHost, height: int, width: int, frames: int, steps: int, lora_steps: int, clips: int,
+    edits: int, train_hw: tuple[int, int] | None, match: MatchConfig | None, decode_chunk: int, lora_rank: int,
+    skip_interval: bool, count_flops: bool, max_bytes: float | None, low_memory: bool,
+) -> EditPlan:  # fmt: skip
     dtype, aux_dtype = host.dtype, next(host.vae.parameters()).dtype
     if host.device != META:
         raise I2VEditError("a plan runs on a host whose models are on the meta device (meta_host).")
@@ -330,7 +349,8 @@ def plan_edit(
                      "clips": clips, "edits": edits, "train_size": list(train_hw), "matching": match is not None,
                      "decode_chunk": decode_chunk, "lora_rank": lora_rank, "skip_interval": skip,
                      "dtype": str(dtype).removeprefix("torch."), "vae_clip_dtype": str(aux_dtype).removeprefix("torch."),
-                     "memory_mode": "recompute", "gradient_checkpointing": True}, weights)  # fmt: skip
+                     "memory_mode": "recompute", "gradient_checkpointing": True, "low_memory": low_memory},
+                    weights)  # fmt: skip
 
     unet_only = weights["unet"] + weights.get("lora_branch", 0)
 
@@ -456,11 +476,12 @@ def _chunks(frames: int, chunk: int) -> list[tuple[int, int]]:
 def check_budget(plan: EditPlan, max_bytes: float) -> None:
     """Raise, naming the first stage that does not fit and what to change, unless every stage fits."""
     s = plan.settings
-    for name, stage in plan.stages().items():  # the pipeline keeps all three models on the device
+    for name, stage in plan.stages().items():
         if stage["peak_bytes"] > max_bytes:
             raise I2VEditError(
                 f"the {name} stage needs about {stage['peak_bytes'] / GB:.3g} GB of GPU memory at "
                 f"{s['height']}×{s['width']}, {s['frames']} frames per clip (training at "
                 f"{s['train_size'][0]}×{s['train_size'][1]}, UNet {s['dtype']}), over --max-vram "
-                f"{max_bytes / GB:g} GB; use {ADVICE.get(name, 'a smaller --size')}. Nothing was computed."
+                f"{max_bytes / GB:g} GB; use {ADVICE.get(name, 'a smaller --size')}"
+                f"{'' if s.get('low_memory') else ', or --low-memory'}. Nothing was computed."
             )
