@@ -160,18 +160,12 @@ class MatchedClip:
             capture, self.config, store_dtype=self.store_dtype,
             store_device="cpu" if self.mode == "cache" else None, masks=masks,
         )  # fmt: skip
-        kv = None
-        if self.skip_kv is not None:
-            first = (
-                None
-                if reference is not None
-                else self.skip_kv.replay_first_source(step, self.inversion.skip_kv)
-            )
-            if first is not None:
-                reference = self.reference(
-                    step
-                )  # takes the K/V ``first``'s replay holds: freed before the edit
-            kv = self.skip_kv.at(PHASE_DENOISE, step, first)
+        # the first clip's K/V first: its replay of the first clip's source step holds the K/V this clip's
+        # source replay takes next, which costs less memory than holding this clip's source attention
+        # through the first clip's edit call
+        kv = (
+            self.skip_kv.at(PHASE_DENOISE, step, self.inversion.skip_kv) if self.skip_kv is not None else None
+        )
         if reference is None:
             reference = self.reference(step)
         ctrl.begin_step(step, self.steps, reference=reference, skip_kv=kv)

@@ -77,6 +77,7 @@ class SourceKV(KVProvider):
         returns instead of replaying the same call again (one use)."""
         out = replay_source(self.host, self.inversion, step, capture | {"kv"}, self.store_dtype)
         self._held = (step, StepCapture(kv=out.kv))
+        out.kv = {}  # held here alone: freed when taken
         return out
 
     def for_sigma(self, sigma: float) -> StepCapture:
@@ -102,15 +103,15 @@ class EditKV(KVProvider):
         self.latent_hw, self.fingerprint = inv.latent_hw, inv.fingerprint
         self.cfg_branches = 1 if clip.cfg is None else 2
 
-    def at(self, phase: str, step: int, first_reference: StepCapture | None = None) -> StepCapture:
-        """The K/V of denoising step ``step``; ``first_reference``: the first clip's source attention of
-        that step when the caller has replayed it already (``replay_first_source``)."""
+    def at(self, phase: str, step: int, source: SourceKV | None = None) -> StepCapture:
+        """The K/V of denoising step ``step``. ``source``: the later clip's own ``SourceKV``, which then
+        serves its next source replay from this call's replay of the first clip's source step."""
         if phase != PHASE_DENOISE:
             raise I2VEditError(f"the edited K/V serve denoising, not {phase!r}.")
         if self.result.kv_captures is not None:
             return self.result.kv_captures[step]
-        trajectory = self.result.trajectory
-        return self.clip.denoised(step, trajectory[step], capture_kv=True, reference=first_reference)[1]
+        reference = self.replay_first_source(step, source)
+        return self.clip.denoised(step, self.result.trajectory[step], capture_kv=True, reference=reference)[1]
 
     def replay_first_source(self, step: int, source: SourceKV | None) -> StepCapture | None:
         """For a later clip's denoising step ``step`` in recompute mode: one replay of the first clip's
