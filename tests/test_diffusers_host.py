@@ -220,3 +220,14 @@ def test_low_memory_runs_one_conditioning_per_unet_call_with_the_same_matched_re
     assert host.rows_per_call is None and not host.offload_aux
     for a, b in zip(one_by_one, batched):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_vae_encoder_in_chunks_gives_the_same_latents_and_the_same_sample(tiny_diffusers_host):
+    host = copy.copy(tiny_diffusers_host)  # the same modules; the chunk setting on the copy only
+    frames = moving_pattern()
+    whole = host.vae_encode(frames), host.vae_encode(frames, True, torch.Generator().manual_seed(3))
+    host.encode_chunk = 2
+    chunked = host.vae_encode(frames), host.vae_encode(frames, True, torch.Generator().manual_seed(3))
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(whole[0], whole[1])  # the sample is not the mode

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.utils.hooks import RemovableHandle
 from transformers import CLIPVisionModelWithProjection
 
@@ -24,6 +25,8 @@ from ...method import edm
 from ...svd import COND, SVDCond
 from .lora import DiffusersLoRATrainer
 from .processors import branch_hook, install_attention_control
+
+LOW_MEMORY_ENCODE_CHUNK = 4  # frames per VAE encoder call in low-memory mode (≈1 GB each at 576×1024, fp16)
 
 # OpenAI CLIP's pixel normalisation, which SVD's image encoder was trained with
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -38,6 +41,7 @@ class DiffusersSVDHost:
     lora_hooks: Sequence[RemovableHandle] = ()  # its forward hooks on the target linears
     rows_per_call: int | None = None  # conditionings per UNet call (None: all of a denoise in one call)
     offload_aux: bool = False  # VAE and image encoder kept on the CPU, on the device only while they run
+    encode_chunk: int | None = None  # frames per VAE encoder call (None: all at once)
 
     def __init__(
         self,
@@ -94,9 +98,11 @@ class DiffusersSVDHost:
 
     def low_memory(self, on: bool = True) -> None:
         """Trade a little speed for memory: one conditioning per UNet call (a CFG step's rows one after
-        the other: same FLOPs, half the activations) and the VAE and image encoder off the device
-        while the UNet runs. Results are unchanged up to the kernels' batch-size rounding."""
+        the other: same FLOPs, half the activations), the VAE encoder a few frames at a time, and the
+        VAE and image encoder off the device while the UNet runs. Results are unchanged up to the
+        kernels' batch-size rounding."""
         self.rows_per_call, self.offload_aux = (1, True) if on else (None, False)
+        self.encode_chunk = LOW_MEMORY_ENCODE_CHUNK if on else None
         for module in (self.vae, self.image_encoder):
             module.to("cpu" if on else self.device)
 
@@ -242,10 +248,17 @@ class DiffusersSVDHost:
     def vae_encode(
         self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        px = self._pixels(images) * 2.0 - 1.0
+        px = (self._pixels(images) * 2.0 - 1.0).to(next(self.vae.parameters()).dtype)
+        n = self.owner().encode_chunk or px.shape[0]
         with self._resident(self.vae):
-            dist = self.vae.encode(px.to(next(self.vae.parameters()).dtype)).latent_dist
-            return (dist.sample(generator=generator) if sample else dist.mode()).float()
+            dists = [self.vae.encode(px[i : i + n]).latent_dist for i in range(0, px.shape[0], n)]
+        # one distribution over every frame, so that a sample draws its noise as one tensor
+        dist = (
+            dists[0]
+            if len(dists) == 1
+            else DiagonalGaussianDistribution(torch.cat([d.parameters for d in dists]))
+        )
+        return (dist.sample(generator=generator) if sample else dist.mode()).float()
 
     @torch.no_grad()
     def vae_decode(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:

@@ -51,7 +51,7 @@ from ...method.skip_interval import EditKV, SourceKV
 from ...run.memtrack import AllocationTracker, track_allocations
 from ...run.stages import edit_conditioning, encode_source
 from ...svd import LATENT_SCALE, TimeIds
-from .host import DiffusersSVDHost
+from .host import LOW_MEMORY_ENCODE_CHUNK, DiffusersSVDHost
 from .single_file import SVD_VAE_CONFIG
 
 GB = 10**9
@@ -314,12 +314,13 @@ def plan_edit(
     ``low_memory``: the run of ``DiffusersSVDHost.low_memory`` (one conditioning per UNet call, the VAE
     and image encoder off the device while the UNet runs)."""
     host = host or meta_host(dtype, aux_dtype)
-    rows_per_call, host.rows_per_call = host.rows_per_call, 1 if low_memory else None
+    kept = host.rows_per_call, host.encode_chunk
+    host.rows_per_call, host.encode_chunk = (1, LOW_MEMORY_ENCODE_CHUNK) if low_memory else (None, None)
     try:
         return _plan(host, height, width, frames, steps, lora_steps, clips, edits, train_hw, match, decode_chunk,
                      lora_rank, skip_interval, count_flops, max_bytes, low_memory)  # fmt: skip
     finally:
-        host.rows_per_call = rows_per_call
+        host.rows_per_call, host.encode_chunk = kept
 
 
 def _plan(
