@@ -140,8 +140,8 @@ def spatial_match(
     queries_in_block ≤ max(query_chunk, tokens), so peak memory is bounded by the chunk, never by
     the frame count; None picks ``default_query_chunk``. One score matmul per map and one matmul
     with the values per block (the blended map), everything else in place; only a block (and one
-    frame block's keys and values) is upcast at a time. The scores are fp32
-    whatever the model's dtype, as the authors compute them, also inside an autocast region.
+    frame block's keys and values) is upcast at a time. The scores are fp32 whatever the model's
+    dtype, as the authors compute them, also inside an autocast region.
     """
     _check_spatial(q_e, k_e, v_e, q_s, k_s)
     frames, tokens, _ = q_e.shape

@@ -67,8 +67,8 @@ class MatchConfig:
     threshold at the first and the last frame (linear in between); ``stage2_layers`` "paper" uses the
     paper's downscale rule, "authors" the released code's set, which leaves out
     ``up_blocks.1.attentions.2``. ``query_chunk`` bounds the query rows of one matching block (None:
-    ``attention.default_query_chunk``, by device). ``pair_offset`` shifts which inversion step a denoising step reads
-    (0: step k reads inversion step n−1−k, as the paper does).
+    ``attention.default_query_chunk``, by device). ``pair_offset`` shifts which inversion step a
+    denoising step reads (0: step k reads inversion step n−1−k, as the paper does).
     """
 
     beta: tuple[float, float] = PRESETS["local"]

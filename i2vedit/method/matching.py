@@ -153,7 +153,7 @@ class MatchedClip:
     ) -> tuple[torch.Tensor, StepCapture]:
         """x0 of denoising step ``step`` at latent ``x``, and what the call captured.
 
-        ``reference``: the step's source attention when the caller has it already (else ``reference``).
+        ``reference``: the step's source attention when the caller has it already (else ``self.reference``).
         """
         capture: set[CaptureKind] = {"kv"} if capture_kv else set()
         ctrl = AttentionController(

@@ -110,17 +110,16 @@ class EditKV(KVProvider):
             raise I2VEditError(f"the edited K/V serve denoising, not {phase!r}.")
         if self.result.kv_captures is not None:
             return self.result.kv_captures[step]
-        reference = self.replay_first_source(step, source)
+        reference = self._replay_first_source(step, source)
         return self.clip.denoised(step, self.result.trajectory[step], capture_kv=True, reference=reference)[1]
 
-    def replay_first_source(self, step: int, source: SourceKV | None) -> StepCapture | None:
+    def _replay_first_source(self, step: int, source: SourceKV | None) -> StepCapture | None:
         """For a later clip's denoising step ``step`` in recompute mode: one replay of the first clip's
         source step that gives both the attention its edit call matches against and the K/V ``source``
         (the later clip's own ``SourceKV``) serves its source replay next. None where they differ."""
         clip = self.clip
         if (
-            self.result.kv_captures is not None
-            or clip.config is None
+            clip.config is None
             or source is None
             or source.inversion is not clip.inversion
             or source.host is not clip.source_host
