@@ -31,7 +31,7 @@ import torch
 from ..errors import I2VEditError
 from ..hosts.diffusers import tiny
 from ..hosts.diffusers.host import DiffusersSVDHost
-from ..hosts.diffusers.single_file import SVD_VAE_CONFIG
+from ..hosts.diffusers.single_file import SVD_CLIP_CONFIG, SVD_VAE_CONFIG
 from ..io.synthetic import demo_video
 from ..method.controller import MatchConfig
 from ..precision import resolve_dtypes
@@ -40,17 +40,6 @@ from ..run.pipeline import EditSettings, edit_video
 
 FULL_SIZE = (576, 1024)
 TINY_SIZE = (64, 128)
-# SVD's image encoder: OpenCLIP ViT-H/14 (its vision tower) with a 1024-d projection
-CLIP_VIT_H = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 16,
-    "image_size": 224,
-    "patch_size": 14,
-    "projection_dim": 1024,
-    "hidden_act": "gelu",
-}
 
 
 def build_full_host(device: torch.device) -> DiffusersSVDHost:
@@ -61,7 +50,7 @@ def build_full_host(device: torch.device) -> DiffusersSVDHost:
     with torch.device(device):
         unet = UNetSpatioTemporalConditionModel()
         vae = AutoencoderKLTemporalDecoder(**SVD_VAE_CONFIG)
-        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_H))
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_CLIP_CONFIG))
     # a few parameters are built with ``torch.Tensor([...])``, which ignores the default device
     return DiffusersSVDHost(unet.to(device), vae.to(device), clip.to(device))
 

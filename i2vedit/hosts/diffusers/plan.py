@@ -52,21 +52,10 @@ from ...run.memtrack import AllocationTracker, track_allocations
 from ...run.stages import edit_conditioning, encode_source
 from ...svd import LATENT_SCALE, TimeIds
 from .host import LOW_MEMORY_ENCODE_CHUNK, DiffusersSVDHost
-from .single_file import SVD_VAE_CONFIG
+from .single_file import SVD_CLIP_CONFIG, SVD_VAE_CONFIG
 
 GB = 10**9
 META = torch.device("meta")
-SVD_CLIP_CONFIG: dict[str, Any] = {  # stabilityai/stable-video-diffusion-img2vid image_encoder/config.json
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 16,
-    "image_size": 224,
-    "patch_size": 14,
-    "projection_dim": 1024,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-}
 MODEL_FRAMES = {"svd": 14, "svd_xt": 25}  # the two SVD checkpoints: one architecture, trained frame counts
 ADVICE = {
     "encode": "a smaller --size or fewer frames per clip (--chunk)",

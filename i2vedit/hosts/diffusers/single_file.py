@@ -63,6 +63,18 @@ _M_CLIP_ACT = _META + "clip_hidden_act"
 UNET_HEAD_DIM = 64  # SVD's num_head_channels
 _OPEN_CLIP_HEAD_WIDTH = {1280: 80}  # ViT-H/14; open_clip's default head_width is 64
 MICRO_CONDITIONING_IDS = 3  # fps, motion bucket, noise augmentation
+# stabilityai/stable-video-diffusion-img2vid image_encoder/config.json (OpenCLIP ViT-H/14)
+SVD_CLIP_CONFIG: dict[str, Any] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 1024,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+}
 SVD_VAE_CONFIG: dict[str, Any] = {  # stabilityai/stable-video-diffusion-img2vid vae/config.json
     "block_out_channels": (128, 256, 512, 512),
     "down_block_types": ("DownEncoderBlock2D",) * 4,
