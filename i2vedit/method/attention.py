@@ -25,7 +25,7 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tenso
 """A host's own attention kernel: (q, k, v, heads) → out, all (rows, tokens, heads·d)."""
 
 DEFAULT_QUERY_CHUNK = 1024
-CPU_BLOCK_ELEMENTS = 1 << 17  # fp32 elements of one CPU matching map block (512 KiB)
+CPU_BLOCK_ELEMENTS = 1 << 18  # fp32 elements of one CPU matching map block (1 MiB: fastest on 2-core CPUs)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -170,7 +170,7 @@ def spatial_match(
                 p_e.sub_(p_s)  # p_e now holds P^e − P^s
                 d = torch.linalg.vector_norm(p_e, 1, dim=-1).mean(1).clamp_(0, 2).div_(2)
                 w = blend_weight(d, tau[f0:f1, None])
-                p_e.mul_(w[:, None, :, None]).add_(p_s)  # (1 − M)·P^s + M·P^e
+                torch.addcmul(p_s, p_e, w[:, None, :, None], out=p_e)  # (1 − M)·P^s + M·P^e
                 out[f0:f1, :, a:b] = p_e @ v_edit
                 diff[f0:f1, a:b], weight[f0:f1, a:b] = d, w
                 del p_e, p_s
