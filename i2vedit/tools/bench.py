@@ -291,7 +291,8 @@ def bench_plan() -> dict[str, Any]:
     }  # fmt: skip
     layers = layer_table(FULL_HW, FULL_CHANNELS, HEAD_DIM)
     for model, frames in MODEL_FRAMES.items():
-        plan = plan_edit(576, 1024, frames, host=meta_host(torch.float16, torch.float16))
+        host = meta_host(torch.float16, torch.float16)
+        plan = plan_edit(576, 1024, frames, host=host)
         ours = plan.as_dict()
         for offload in (False, True):
             key = "stages_offloaded" if offload else "stages"
@@ -301,8 +302,7 @@ def bench_plan() -> dict[str, Any]:
                 st["seconds"] = _seconds(st["flops"])
             ours[key] = stages
         # --low-memory: one CFG branch per UNet call, VAE and image encoder off the device meanwhile
-        low = plan_edit(576, 1024, frames, host=meta_host(torch.float16, torch.float16), count_flops=False,
-                        low_memory=True).stages()  # fmt: skip
+        low = plan_edit(576, 1024, frames, host=host, count_flops=False, low_memory=True).stages()
         ours["stages_low_memory"] = {
             name: {"peak_bytes": st["peak_bytes"], "fits_16gb": st["peak_bytes"] <= 16 * GB}
             for name, st in low.items()

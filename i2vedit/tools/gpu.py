@@ -31,6 +31,7 @@ import torch
 from ..errors import I2VEditError
 from ..hosts.diffusers import tiny
 from ..hosts.diffusers.host import DiffusersSVDHost
+from ..hosts.diffusers.plan import weights_bytes
 from ..hosts.diffusers.single_file import SVD_CLIP_CONFIG, SVD_VAE_CONFIG
 from ..io.synthetic import demo_video
 from ..method.controller import MatchConfig
@@ -175,9 +176,5 @@ def bench_gpu(
         "seconds_build": build_seconds,
         "seconds_run": total,
         "peak_bytes": max((s["peak_bytes"] or 0 for s in stages.values()), default=0),
-        "weights_bytes": sum(
-            p.numel() * p.element_size()
-            for m in (host.unet, host.vae, host.image_encoder)
-            for p in m.parameters()
-        ),
+        "weights_bytes": sum(weights_bytes(m) for m in (host.unet, host.vae, host.image_encoder)),
     }

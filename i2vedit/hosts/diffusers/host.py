@@ -101,10 +101,12 @@ class DiffusersSVDHost:
         the other: same FLOPs, half the activations), the VAE encoder a few frames at a time, and the
         VAE and image encoder off the device while the UNet runs. Results are unchanged up to the
         kernels' batch-size rounding."""
-        self.rows_per_call, self.offload_aux = (1, True) if on else (None, False)
-        self.encode_chunk = LOW_MEMORY_ENCODE_CHUNK if on else None
-        for module in (self.vae, self.image_encoder):
-            module.to("cpu" if on else self.device)
+        owner = self.owner()
+        owner.rows_per_call, owner.offload_aux = (1, True) if on else (None, False)
+        owner.encode_chunk = LOW_MEMORY_ENCODE_CHUNK if on else None
+        if owner.device.type != "meta":  # shapes only (a plan): nothing to move
+            for module in (owner.vae, owner.image_encoder):
+                module.to("cpu" if on else owner.device)
 
     def owner(self) -> DiffusersSVDHost:
         """The host whose models these are and whose memory settings rule (a LoRA view: its base)."""
@@ -113,7 +115,7 @@ class DiffusersSVDHost:
     @contextmanager
     def _resident(self, module: torch.nn.Module) -> Iterator[None]:
         """``module`` on the UNet's device while it runs (``offload_aux``: back to the CPU afterwards)."""
-        if not self.owner().offload_aux:
+        if not self.owner().offload_aux or self.device.type == "meta":
             yield
             return
         module.to(self.device)

@@ -51,7 +51,7 @@ from ...method.skip_interval import EditKV, SourceKV
 from ...run.memtrack import AllocationTracker, track_allocations
 from ...run.stages import edit_conditioning, encode_source
 from ...svd import LATENT_SCALE, TimeIds
-from .host import LOW_MEMORY_ENCODE_CHUNK, DiffusersSVDHost
+from .host import DiffusersSVDHost
 from .single_file import SVD_CLIP_CONFIG, SVD_VAE_CONFIG
 
 GB = 10**9
@@ -241,7 +241,13 @@ class Meter:
     def __init__(self, host: DiffusersSVDHost, count_flops: bool = True) -> None:
         self.host, self.count_flops = host, count_flops
         self.calls = self.rows = 0
-        host.unet.register_forward_pre_hook(self._count)
+        self.hook = host.unet.register_forward_pre_hook(self._count)
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hook.remove()
 
     def _count(self, _module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         self.calls += 1
@@ -303,158 +309,166 @@ def plan_edit(
     ``low_memory``: the run of ``DiffusersSVDHost.low_memory`` (one conditioning per UNet call, the VAE
     and image encoder off the device while the UNet runs)."""
     host = host or meta_host(dtype, aux_dtype)
-    kept = host.rows_per_call, host.encode_chunk
-    host.rows_per_call, host.encode_chunk = (1, LOW_MEMORY_ENCODE_CHUNK) if low_memory else (None, None)
-    try:
-        return _plan(host, height, width, frames, steps, lora_steps, clips, edits, train_hw, match, decode_chunk,
-                     lora_rank, skip_interval, count_flops, max_bytes, low_memory)  # fmt: skip
-    finally:
-        host.rows_per_call, host.encode_chunk = kept
-
-
-def _plan(
-    host: DiffusersSVDHost, height: int, width: int, frames: int, steps: int, lora_steps: int, clips: int,
-    edits: int, train_hw: tuple[int, int] | None, match: MatchConfig | None, decode_chunk: int, lora_rank: int,
-    skip_interval: bool, count_flops: bool, max_bytes: float | None, low_memory: bool,
-) -> EditPlan:  # fmt: skip
-    dtype, aux_dtype = host.dtype, next(host.vae.parameters()).dtype
     if host.device != META:
         raise I2VEditError("a plan runs on a host whose models are on the meta device (meta_host).")
-    train_hw = train_hw or training_size(height, width)
-    if train_hw[0] * train_hw[1] > height * width:
-        train_hw = (height, width)
-    hw, lhw, train_lhw = (height, width), (height // 8, width // 8), (train_hw[0] // 8, train_hw[1] // 8)
-    later = clips - 1
-    skip = skip_interval and later > 0
-    meter = Meter(host, count_flops)
-    g = torch.Generator().manual_seed(0)
-    weights = {"unet": weights_bytes(host.unet), "vae": weights_bytes(host.vae),
-               "image_encoder": weights_bytes(host.image_encoder)}  # fmt: skip
-    shapes = target_shapes(host.unet, "temporal", "diffusers")
-    lora_bytes = sum((o + i) * lora_rank * 4 for o, i in shapes.values()) if lora_steps > 0 else 0
-    if lora_bytes:
-        weights["lora_branch"] = lora_bytes  # fp32, attached to the UNet from the first training on
-    base = sum(weights.values())
-    plan = EditPlan({"height": height, "width": width, "frames": frames, "steps": steps, "lora_steps": lora_steps,
-                     "clips": clips, "edits": edits, "train_size": list(train_hw), "matching": match is not None,
-                     "decode_chunk": decode_chunk, "lora_rank": lora_rank, "skip_interval": skip,
-                     "dtype": str(dtype).removeprefix("torch."), "vae_clip_dtype": str(aux_dtype).removeprefix("torch."),
-                     "memory_mode": "recompute", "gradient_checkpointing": True, "low_memory": low_memory},
-                    weights)  # fmt: skip
-
-    unet_only = weights["unet"] + weights.get("lora_branch", 0)
-
-    def add(stage: str, what: str, calls: int, cost: Cost, extra: int = 0) -> None:
-        if calls > 0:
-            plan.parts.append(StagePart(stage, what, calls, cost, base, unet_only, extra))
-            if max_bytes is not None:
-                check_budget(plan, max_bytes)
-
-    # --- encode and invert: the first clip, then a later clip (with the first clip's K/V) ---------
-    conds = []
-    enc = meter.cost(lambda: conds.append(encode_source(host, _pixels(frames, hw), g)[1]))
-    add("encode", "VAE encode of a clip's frames + its first frame, CLIP of the first frame", clips, enc)
-    cond = conds[0]
-    inv0 = _inversion(host, frames, lhw, steps, cond)
-    source_kv = SourceKV(host, inv0) if skip else None
-    inv1 = _inversion(host, frames, lhw, steps, cond, source_kv)
-    add(
-        "invert", "inversion step, first clip", steps, meter.cost(lambda: replay_source(host, inv0, 0, set()))
-    )
-    if later:
-        what = "inversion step, later clip (replays the first clip's step for its K/V)"
-        add("invert", what, later * steps, meter.cost(lambda: replay_source(host, inv1, 0, set())))
-
-    # --- LoRA training at the training size -------------------------------------------------------
-    if lora_steps > 0:
-        small = train_hw != hw
-        if small:
-            add("train_encode", "VAE encode + CLIP at the training size", clips,
-                meter.cost(lambda: conds.append(encode_source(host, _pixels(frames, train_hw), g)[1])))  # fmt: skip
-        train_kv = None
-        if skip:
-            train_inv = _inversion(host, frames, train_lhw, steps, conds[-1]) if small else inv0
-            train_kv = SourceKV(host, train_inv)
-            if small:
-                add("invert_train_res", "the first clip's encode at the training size (for later clips' K/V)", 1,
-                    meter.cost(lambda: encode_source(host, _pixels(frames, train_hw), g)))  # fmt: skip
-                add("invert_train_res", "its inversion step at the training size", steps,
-                    meter.cost(lambda: replay_source(host, train_inv, 0, set())))  # fmt: skip
-        latents = torch.zeros(frames, 4, *train_lhw)
-        first, embed = latents[:1] / LATENT_SCALE, torch.zeros(1, 1, host.image_encoder.config.projection_dim)
-        for label, kv, n in (
-            ("first clip", None, 1),
-            ("later clip (first clip's K/V replayed)", train_kv, later),
-        ):
-            if n == 0:
-                continue
-            trainer = host.lora_trainer(lora_rank, gradient_checkpointing=True)
-            config = TrainConfig(rank=lora_rank, steps=lora_steps)
-            optimizer = torch.optim.AdamW([p for _, p in trainer.named_trainable()], lr=config.lr)
-
-            def train_step(trainer=trainer, optimizer=optimizer, config=config, kv=kv) -> None:
-                step_gradients(trainer, optimizer, latents, first, embed, config, kv, 0, META)
-                optimizer.step()
-
-            # the first step: later steps also hold the previous gradients and AdamW's moments (3 × the LoRA)
-            add("lora", f"training step (forward + backward, checkpointing, AdamW), {label}", n * lora_steps,
-                meter.cost(train_step), 3 * lora_bytes)  # fmt: skip
-            trainer.set_dropout(False)
-            host.release_call_options()
-        # the LoRA, its gradients and AdamW's two moments, all fp32 (``extra`` above: all but the LoRA)
-        plan.kept_bytes["lora_training_state_on_device"] = 4 * lora_bytes
-
-    # --- each edit: conditioning, matched denoising by temporal stage, decode ---------------------
-    lora_host: DiffusersSVDHost = host
-    if lora_steps > 0:
-        names = {n: to_comfy_name(n) for n in shapes}
-        pairs = init_lora_pairs({names[n]: s for n, s in shapes.items()}, lora_rank, 0)
-        lora_host = host.with_lora(LoRAWeights(pairs, target_set="temporal"))
-    ids = TimeIds(6.0, 127.0, 0.02)
-    edited = _pixels(1, hw)
-    prev = (torch.empty(1, 4, *lhw, device=META), edited)
-    add("condition", "edited first frame: VAE encode + CLIP", edits,
-        meter.cost(lambda: edit_conditioning(host, edited, ids, g)))  # fmt: skip
-    if later:
-        add("condition", "later clip: CLIP of the previous clip's last frame", edits * later,
-            meter.cost(lambda: edit_conditioning(host, None, ids, g, prev)))  # fmt: skip
-    clip0 = MatchedClip(lora_host, inv0, cond, match, (1.0, 2.0), "recompute", host)
-    trajectory = torch.empty(steps + 1, frames, 4, *lhw, device=META)
-    edit_kv = EditKV(clip0, MatchedResult(trajectory[-1], trajectory, None)) if skip else None
-    clip1 = MatchedClip(lora_host, inv1, cond, match, (1.0, 2.0), "recompute", host, edit_kv)
-    x = torch.empty(frames, 4, *lhw, device=META)
-    for label, clip, n in (("first clip", clip0, 1), ("later clip", clip1, later)):
-        if n:  # step 0: temporal injection in every layer, the most work (later stages differ by < 0.01 %)
-            add(
-                "denoise",
-                f"matched step, {label}",
-                edits * n * steps,
-                meter.cost(functools.partial(clip.denoised, 0, x)),
+    was_low = host.offload_aux
+    host.low_memory(low_memory)
+    try:
+        with Meter(host, count_flops) as meter:
+            dtype, aux_dtype = host.dtype, next(host.vae.parameters()).dtype
+            train_hw = train_hw or training_size(height, width)
+            if train_hw[0] * train_hw[1] > height * width:
+                train_hw = (height, width)
+            hw, lhw, train_lhw = (
+                (height, width),
+                (height // 8, width // 8),
+                (train_hw[0] // 8, train_hw[1] // 8),
             )
-    if count_flops:
-        uncond = cond.unconditional()
-        plain_cfg = functools.partial(lora_host.denoise, x, float(clip0.sigmas[0]), [uncond, cond])
-        plan.plain_step = meter.cost(plain_cfg)
-    z = torch.empty(min(decode_chunk, frames), 4, *lhw, device=META, dtype=aux_dtype)
-    decoded = frames * 3 * height * width * 4  # the float32 frames vae_decode gathers before its CPU copy
-    for n_chunk, count in _chunks(frames, decode_chunk):
-        zc = z[:n_chunk]
-        add("decode", f"VAE decode of {n_chunk} frames", edits * clips * count,
-            meter.cost(functools.partial(host.vae.decode, zc, num_frames=n_chunk)), decoded)  # fmt: skip
+            later = clips - 1
+            skip = skip_interval and later > 0
+            g = torch.Generator().manual_seed(0)
+            weights = {"unet": weights_bytes(host.unet), "vae": weights_bytes(host.vae),
+                       "image_encoder": weights_bytes(host.image_encoder)}  # fmt: skip
+            shapes = target_shapes(host.unet, "temporal", "diffusers")
+            lora_bytes = sum((o + i) * lora_rank * 4 for o, i in shapes.values()) if lora_steps > 0 else 0
+            if lora_bytes:
+                weights["lora_branch"] = lora_bytes  # fp32, attached to the UNet from the first training on
+            base = sum(weights.values())
+            plan = EditPlan({"height": height, "width": width, "frames": frames, "steps": steps, "lora_steps": lora_steps,
+                             "clips": clips, "edits": edits, "train_size": list(train_hw), "matching": match is not None,
+                             "decode_chunk": decode_chunk, "lora_rank": lora_rank, "skip_interval": skip,
+                             "dtype": str(dtype).removeprefix("torch."), "vae_clip_dtype": str(aux_dtype).removeprefix("torch."),
+                             "memory_mode": "recompute", "gradient_checkpointing": True, "low_memory": low_memory},
+                            weights)  # fmt: skip
 
-    # --- what stays between steps and between clips (recompute mode: latents only, CPU RAM) -------
-    plan.kept_bytes["source_trajectory_per_clip_cpu"] = inv0.stored_bytes()
-    plan.kept_bytes["edit_trajectory_per_clip_and_edit_cpu"] = MatchedResult(
-        x, trajectory, None
-    ).stored_bytes()
-    if skip:
-        kept = source_kv.stored_bytes() if source_kv else 0
-        kept += edits * (edit_kv.stored_bytes() if edit_kv else 0)
-        if lora_steps > 0 and train_hw != hw:
-            kept += _inversion(host, frames, train_lhw, steps, conds[-1]).stored_bytes()
-        plan.kept_bytes["first_clip_kept_for_later_clips_cpu"] = kept
-    plan.kept_bytes["lora_file_per_clip_cpu"] = lora_bytes if lora_steps > 0 else 0
-    return plan
+            unet_only = weights["unet"] + weights.get("lora_branch", 0)
+
+            def add(stage: str, what: str, calls: int, cost: Cost, extra: int = 0) -> None:
+                if calls > 0:
+                    plan.parts.append(StagePart(stage, what, calls, cost, base, unet_only, extra))
+                    if max_bytes is not None:
+                        check_budget(plan, max_bytes)
+
+            # --- encode and invert: the first clip, then a later clip (with the first clip's K/V) ---------
+            conds = []
+            enc = meter.cost(lambda: conds.append(encode_source(host, _pixels(frames, hw), g)[1]))
+            add(
+                "encode",
+                "VAE encode of a clip's frames + its first frame, CLIP of the first frame",
+                clips,
+                enc,
+            )
+            cond = conds[0]
+            inv0 = _inversion(host, frames, lhw, steps, cond)
+            source_kv = SourceKV(host, inv0) if skip else None
+            inv1 = _inversion(host, frames, lhw, steps, cond, source_kv)
+            add(
+                "invert",
+                "inversion step, first clip",
+                steps,
+                meter.cost(lambda: replay_source(host, inv0, 0, set())),
+            )
+            if later:
+                what = "inversion step, later clip (replays the first clip's step for its K/V)"
+                add("invert", what, later * steps, meter.cost(lambda: replay_source(host, inv1, 0, set())))
+
+            # --- LoRA training at the training size -------------------------------------------------------
+            if lora_steps > 0:
+                small = train_hw != hw
+                if small:
+                    add("train_encode", "VAE encode + CLIP at the training size", clips,
+                        meter.cost(lambda: conds.append(encode_source(host, _pixels(frames, train_hw), g)[1])))  # fmt: skip
+                train_kv = None
+                if skip:
+                    train_inv = _inversion(host, frames, train_lhw, steps, conds[-1]) if small else inv0
+                    train_kv = SourceKV(host, train_inv)
+                    if small:
+                        add("invert_train_res", "the first clip's encode at the training size (for later clips' K/V)", 1,
+                            meter.cost(lambda: encode_source(host, _pixels(frames, train_hw), g)))  # fmt: skip
+                        add("invert_train_res", "its inversion step at the training size", steps,
+                            meter.cost(lambda: replay_source(host, train_inv, 0, set())))  # fmt: skip
+                latents = torch.zeros(frames, 4, *train_lhw)
+                first, embed = (
+                    latents[:1] / LATENT_SCALE,
+                    torch.zeros(1, 1, host.image_encoder.config.projection_dim),
+                )
+                for label, kv, n in (
+                    ("first clip", None, 1),
+                    ("later clip (first clip's K/V replayed)", train_kv, later),
+                ):
+                    if n == 0:
+                        continue
+                    trainer = host.lora_trainer(lora_rank, gradient_checkpointing=True)
+                    config = TrainConfig(rank=lora_rank, steps=lora_steps)
+                    optimizer = torch.optim.AdamW([p for _, p in trainer.named_trainable()], lr=config.lr)
+
+                    def train_step(trainer=trainer, optimizer=optimizer, config=config, kv=kv) -> None:
+                        step_gradients(trainer, optimizer, latents, first, embed, config, kv, 0, META)
+                        optimizer.step()
+
+                    # the first step: later steps also hold the previous gradients and AdamW's moments (3 × the LoRA)
+                    add("lora", f"training step (forward + backward, checkpointing, AdamW), {label}", n * lora_steps,
+                        meter.cost(train_step), 3 * lora_bytes)  # fmt: skip
+                    trainer.set_dropout(False)
+                    host.release_call_options()
+                # the LoRA, its gradients and AdamW's two moments, all fp32 (``extra`` above: all but the LoRA)
+                plan.kept_bytes["lora_training_state_on_device"] = 4 * lora_bytes
+
+            # --- each edit: conditioning, matched denoising by temporal stage, decode ---------------------
+            lora_host: DiffusersSVDHost = host
+            if lora_steps > 0:
+                names = {n: to_comfy_name(n) for n in shapes}
+                pairs = init_lora_pairs({names[n]: s for n, s in shapes.items()}, lora_rank, 0)
+                lora_host = host.with_lora(LoRAWeights(pairs, target_set="temporal"))
+            ids = TimeIds(6.0, 127.0, 0.02)
+            edited = _pixels(1, hw)
+            prev = (torch.empty(1, 4, *lhw, device=META), edited)
+            add("condition", "edited first frame: VAE encode + CLIP", edits,
+                meter.cost(lambda: edit_conditioning(host, edited, ids, g)))  # fmt: skip
+            if later:
+                add("condition", "later clip: CLIP of the previous clip's last frame", edits * later,
+                    meter.cost(lambda: edit_conditioning(host, None, ids, g, prev)))  # fmt: skip
+            clip0 = MatchedClip(lora_host, inv0, cond, match, (1.0, 2.0), "recompute", host)
+            trajectory = torch.empty(steps + 1, frames, 4, *lhw, device=META)
+            edit_kv = EditKV(clip0, MatchedResult(trajectory[-1], trajectory, None)) if skip else None
+            clip1 = MatchedClip(lora_host, inv1, cond, match, (1.0, 2.0), "recompute", host, edit_kv)
+            x = torch.empty(frames, 4, *lhw, device=META)
+            for label, clip, n in (("first clip", clip0, 1), ("later clip", clip1, later)):
+                if n:  # step 0: temporal injection in every layer, the most work (later stages differ by < 0.01 %)
+                    add(
+                        "denoise",
+                        f"matched step, {label}",
+                        edits * n * steps,
+                        meter.cost(functools.partial(clip.denoised, 0, x)),
+                    )
+            if count_flops:
+                uncond = cond.unconditional()
+                plain_cfg = functools.partial(lora_host.denoise, x, float(clip0.sigmas[0]), [uncond, cond])
+                plan.plain_step = meter.cost(plain_cfg)
+            z = torch.empty(min(decode_chunk, frames), 4, *lhw, device=META, dtype=aux_dtype)
+            decoded = (
+                frames * 3 * height * width * 4
+            )  # the float32 frames vae_decode gathers before its CPU copy
+            for n_chunk, count in _chunks(frames, decode_chunk):
+                zc = z[:n_chunk]
+                add("decode", f"VAE decode of {n_chunk} frames", edits * clips * count,
+                    meter.cost(functools.partial(host.vae.decode, zc, num_frames=n_chunk)), decoded)  # fmt: skip
+
+            # --- what stays between steps and between clips (recompute mode: latents only, CPU RAM) -------
+            plan.kept_bytes["source_trajectory_per_clip_cpu"] = inv0.stored_bytes()
+            plan.kept_bytes["edit_trajectory_per_clip_and_edit_cpu"] = MatchedResult(
+                x, trajectory, None
+            ).stored_bytes()
+            if skip:
+                kept = source_kv.stored_bytes() if source_kv else 0
+                kept += edits * (edit_kv.stored_bytes() if edit_kv else 0)
+                if lora_steps > 0 and train_hw != hw:
+                    kept += _inversion(host, frames, train_lhw, steps, conds[-1]).stored_bytes()
+                plan.kept_bytes["first_clip_kept_for_later_clips_cpu"] = kept
+            plan.kept_bytes["lora_file_per_clip_cpu"] = lora_bytes if lora_steps > 0 else 0
+            return plan
+    finally:
+        host.low_memory(was_low)
 
 
 def _chunks(frames: int, chunk: int) -> list[tuple[int, int]]:
