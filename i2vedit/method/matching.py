@@ -35,6 +35,7 @@ from .inversion import (
     source_capture,
     step_options,
 )
+from .region import RegionLock
 from .samplers import PHASE_DENOISE, StepModel, sample_euler_denoise
 from .skip_interval import EditKV
 
@@ -80,7 +81,8 @@ class MatchedClip:
     """Everything one clip's matched denoising needs, validated before any model call.
 
     ``host`` runs the edit branch (with the clip's motion LoRA, if any); ``source_host`` replays the
-    source branch and must be the model the inversion used (default: ``host``).
+    source branch and must be the model the inversion used (default: ``host``). ``lock`` holds the
+    latent on the inversion's trajectory (at each step's σ) outside its mask.
     """
 
     def __init__(
@@ -94,13 +96,19 @@ class MatchedClip:
         source_host: SVDHost | None = None,
         skip_kv: EditKV | None = None,
         store_dtype: torch.dtype | None = None,
+        lock: RegionLock | None = None,
     ) -> None:
         check_mode(mode)
         self.config = config.validate() if config is not None else None
         self.host, self.inversion, self.cond = host, inversion, cond
         self.source_host = source_host if source_host is not None else host
-        self.mode, self.skip_kv, self.store_dtype = mode, skip_kv, store_dtype
+        self.mode, self.skip_kv, self.store_dtype, self.lock = mode, skip_kv, store_dtype, lock
         frames, hw = inversion.frames, inversion.latent_hw
+        if lock is not None and (lock.mask.shape[0] != frames or tuple(lock.mask.shape[2:]) != hw):
+            raise I2VEditError(
+                f"the region mask {tuple(lock.mask.shape)} (latent size) does not fit this clip's {frames} frames "
+                f"of latent size {hw}."
+            )
         try:
             cond.check(inversion.x_T)
         except I2VEditError as e:
@@ -188,7 +196,12 @@ class MatchedClip:
                 kv_caps.append(cap)
             return denoised
 
-        x = sample_euler_denoise(StepModel(step), inv.x_T.clone(), self.sigmas, None, callback, True)
+        def hold(k: int, x: torch.Tensor) -> torch.Tensor:
+            assert self.lock is not None
+            return self.lock.hold(x, inv.trajectory[self.steps - k])
+
+        x = sample_euler_denoise(StepModel(step), inv.x_T.clone(), self.sigmas, None, callback, True,
+                                 hold if self.lock is not None else None)  # fmt: skip
         trajectory.append(x)
         return MatchedResult(
             x,
@@ -210,11 +223,12 @@ def matched_denoise(
     capture_kv: bool = False,
     store_dtype: torch.dtype | None = None,
     callback: StepCallback | None = None,
+    lock: RegionLock | None = None,
 ) -> MatchedResult:
     """Denoise one clip from its inversion under ``cond`` (the edited first frame's conditioning).
 
     ``config`` None turns matching off (plain denoising from the inversion). ``skip_kv`` is the
     first clip's ``EditKV`` for later clips. See ``MatchedClip`` for the arguments.
     """
-    clip = MatchedClip(host, inversion, cond, config, cfg, mode, source_host, skip_kv, store_dtype)
+    clip = MatchedClip(host, inversion, cond, config, cfg, mode, source_host, skip_kv, store_dtype, lock)
     return clip.run(capture_kv, callback)

@@ -102,14 +102,20 @@ def sample_euler_denoise(
     extra_args: dict[str, Any] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     disable: bool | None = None,
+    hold: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Plain Euler EDM denoising over descending ``sigmas`` (no churn), announcing each step."""
+    """Plain Euler EDM denoising over descending ``sigmas`` (no churn), announcing each step.
+
+    ``hold(i, x)`` replaces the latent before step i and, with i = steps, the result (a region lock).
+    """
     extra_args = {} if extra_args is None else extra_args
     _check_sigmas(sigmas, ascending=False)
     steps = len(sigmas) - 1
     s_in = x.new_ones([x.shape[0]])
     for i in trange(steps, disable=disable, desc="EDM denoising"):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if hold is not None:
+            x = hold(i, x)
         announce_step(extra_args, i, PHASE_DENOISE, steps)
         denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
@@ -119,4 +125,4 @@ def sample_euler_denoise(
             x = denoised
         else:
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
-    return x
+    return hold(steps, x) if hold is not None else x

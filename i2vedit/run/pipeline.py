@@ -47,6 +47,7 @@ from ..lora.train import TrainConfig, latest_checkpoint, training_size
 from ..method.controller import MatchConfig
 from ..method.inversion import Inversion, MemoryMode, check_mode, invert
 from ..method.matching import MatchedClip, MatchedResult
+from ..method.region import DEFAULT_FEATHER, RegionLock, auto_region, check_region, composite
 from ..method.sarp import sarp
 from ..method.skip_interval import SkipInterval
 from ..precision import DtypeName, autocast_dtype, check_device, check_dtype
@@ -109,6 +110,7 @@ class EditSettings:
     denoise_dtype: DtypeName = "fp32"
     train_dtype: DtypeName = "fp32"
     gradient_checkpointing: bool = True  # LoRA training recomputes in its backward: same LoRA, less memory
+    region_feather: int = DEFAULT_FEATHER  # pixels a region lock fades over, inside its mask
 
     def validate(self) -> EditSettings:
         """Refuse, before any compute, every setting that is not finite or out of its sane range."""
@@ -129,6 +131,8 @@ class EditSettings:
             raise I2VEditError(f"the inversion fps id must lie in (0, 1000], got {self.inversion_fps_id}.")
         if not 0 <= self.seed < 2**63:
             raise I2VEditError(f"the seed must be a whole number from 0 to 2**63 - 1, got {self.seed}.")
+        if not 0 <= self.region_feather <= 256:
+            raise I2VEditError(f"the region feather must lie in [0, 256] pixels, got {self.region_feather}.")
         if self.decode_chunk < 1:
             raise I2VEditError(f"decode chunk must be at least 1 frame, got {self.decode_chunk}.")
         if self.chunk > MAX_CHUNK:
@@ -188,6 +192,7 @@ class EditResult:
     videos: list[torch.Tensor]  # one (frames, H, W, 3) IMAGE per edited first frame
     masks: list[torch.Tensor]  # one (frames, H, W) difference mask per edit (zeros without matching)
     report: dict[str, Any] = field(default_factory=dict)
+    regions: list[torch.Tensor] | None = None  # one (frames, H, W) region-lock mask per edit, or no lock
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -249,6 +254,28 @@ def _check_inputs(frames: torch.Tensor, fps: float, edits: list[torch.Tensor]) -
     return n, height, width
 
 
+Region = torch.Tensor | str | None  # a MASK, "auto", or no region lock
+
+
+def resolve_regions(
+    frames: torch.Tensor, edits: list[torch.Tensor], region: Region
+) -> list[torch.Tensor] | None:
+    """One region-lock mask (N, H, W) per edit: the given MASK for every edit, each edit's ``auto_region``,
+    or None (no lock). Refused before any compute when it does not fit (``check_region``)."""
+    if region is None:
+        return None
+    n, height, width, _ = frames.shape
+    if isinstance(region, str):
+        if region != "auto":
+            raise I2VEditError(f"a region lock is a MASK or 'auto', got {region!r}.")
+        return [check_region(auto_region(frames, img), n, height, width) for img in edits]
+    mask = check_region(region, n, height, width)
+    if float(mask.min()) == 1:
+        log.info("the region mask covers every pixel, so the edit runs without a region lock")
+        return None
+    return [mask] * len(edits)
+
+
 def edit_video(
     host: SVDHost,
     frames: torch.Tensor,
@@ -259,15 +286,18 @@ def edit_video(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     step_callback: Progress | None = None,
+    region: Region = None,
 ) -> EditResult:
     """Edit ``frames`` (N, H, W, 3) at a valid generation size with each edited first frame (1, H, W, 3).
 
     ``progress`` hears of each stage of each clip; ``step_callback`` of each model step (inversion,
     training, denoising; it may raise to interrupt: finished clips, and the LoRA training so far,
     stay in the reuse folder); ``should_stop`` is polled between clips and training steps.
+    ``region``: a region lock (``resolve_regions``): outside it the output is the source's pixels.
     """
     settings = settings.validate()
     n, height, width = _check_inputs(frames, fps, edits)
+    regions = resolve_regions(frames, edits, region)
     ranges = video_clip_ranges(n, settings)
     if ranges[0][1] - ranges[0][0] < 2:
         raise I2VEditError("the video has a single frame; SVD needs at least 2 frames.")
@@ -284,7 +314,7 @@ def edit_video(
         }  # fmt: skip
         folder = ReuseFolder(reuse_dir, identity)
     run = _Run(host, fingerprint, frames, fps, edits, settings, ReuseStore(folder), train_hw, ranges,
-               progress, should_stop, step_callback)  # fmt: skip
+               progress, should_stop, step_callback, regions)  # fmt: skip
     with folder if folder is not None else nullcontext():
         for i in range(len(ranges)):
             run.clip(i)
@@ -295,7 +325,7 @@ def edit_video(
         "dtypes": {"denoise": settings.denoise_dtype, "train": settings.train_dtype},
     }  # fmt: skip
     videos = [stitch_clips(parts, settings.overlap) for parts in run.outputs]
-    return EditResult(videos, [stitch_clips(parts, settings.overlap) for parts in run.masks], report)
+    return EditResult(videos, [stitch_clips(parts, settings.overlap) for parts in run.masks], report, regions)
 
 
 class _Run:
@@ -304,13 +334,16 @@ class _Run:
     def __init__(self, host: SVDHost, fingerprint: str, frames: torch.Tensor, fps: float, edits: list[torch.Tensor],
                  settings: EditSettings, store: ReuseStore, train_hw: tuple[int, int], ranges: list[Span],
                  progress: Progress | None, should_stop: Callable[[], bool] | None,
-                 step_callback: Progress | None) -> None:  # fmt: skip
+                 step_callback: Progress | None, regions: list[torch.Tensor] | None = None) -> None:  # fmt: skip
         self.host, self.fingerprint, self.settings = host, fingerprint, settings
-        self.frames, self.edits = frames, edits
+        self.frames, self.edits, self.regions = frames, edits, regions
         self.store, self.train_hw, self.ranges = store, train_hw, ranges
         self.should_stop, self.step_callback = should_stop, step_callback
         self.size = (int(frames.shape[1]), int(frames.shape[2]))
-        self.keys = [edit_key(img, settings.edit_identity()) for img in edits]
+        self.keys = [
+            edit_key(img, {**settings.edit_identity(), **self._region_identity(e)})
+            for e, img in enumerate(edits)
+        ]
         self.timer = Timer(progress, len(ranges))
         self.denoise_ids = denoise_time_ids(fps)
         self.skip = SkipInterval(settings.skip_interval, len(edits), capture=settings.mode == "cache")
@@ -320,6 +353,12 @@ class _Run:
         self.prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(edits)
         self.perturbed0: torch.Tensor | None = None
         self.stored = 0
+
+    def _region_identity(self, e: int) -> dict[str, Any]:
+        if self.regions is None:
+            return {}
+        return {"region": hashlib.sha256(self.regions[e].numpy().tobytes()).hexdigest()[:20],
+                "region_feather": self.settings.region_feather}  # fmt: skip
 
     def clip(self, i: int) -> None:
         """SARP → inversion (base model) → motion LoRA → each edit's matched denoising, chained."""
@@ -438,12 +477,14 @@ class _Run:
         # an inversion read back from the reuse folder holds no captures: replay them (exact, slower)
         mode: MemoryMode = s.mode if inv.captures is not None else "recompute"
         skip_kv = self.skip.for_denoising(i, e)
+        region = self.regions[e][span[0] : span[1]] if self.regions is not None else None
+        lock = RegionLock(region, s.region_feather) if region is not None else None
 
         def read(path: Path) -> tuple[ClipEdit, dict[str, str]]:
             t, meta = read_tensors(path)
             try:
                 clip = MatchedClip(
-                    lora_host, inv, cond_from("cond", t), s.match, s.cfg, mode, self.host, skip_kv
+                    lora_host, inv, cond_from("cond", t), s.match, s.cfg, mode, self.host, skip_kv, lock=lock
                 )
                 return ClipEdit(
                     clip, MatchedResult(t["latents"], t["trajectory"], None), t["frames"], t["masks"]
@@ -452,11 +493,15 @@ class _Run:
                 raise I2VEditError(f"it lacks {err}") from None
 
         def make() -> ClipEdit:
-            return edit_clip(self.host, lora_host, inv, self.edits[e], self.prev[e], self.denoise_ids,
+            edit = edit_clip(self.host, lora_host, inv, self.edits[e], self.prev[e], self.denoise_ids,
                              generator(s.seed, i, Purpose.CONDITION, e), s.match, s.cfg, mode, skip_kv,
                              self.skip.capture_kv(i), s.decode_chunk, _tagged(self.step_callback, i, "denoise"),
                              stage=lambda name: self.timer(name, i),
-                             compute_dtype=autocast_dtype(s.denoise_dtype))  # fmt: skip
+                             compute_dtype=autocast_dtype(s.denoise_dtype), lock=lock)  # fmt: skip
+            if region is not None:
+                source = self.frames[span[0] : span[1]]
+                edit.frames = composite(source, edit.frames, region, s.region_feather)
+            return edit
 
         def write(path: Path, edit: ClipEdit, meta: dict[str, str]) -> None:
             tensors = {"latents": edit.result.latents, "trajectory": edit.result.trajectory, "frames": edit.frames,
@@ -492,7 +537,8 @@ def edit_frames(
 ) -> EditResult:
     """``edit_video`` for frames of any size: resize/pad to ``size`` (default: fit within 1024) and back.
 
-    An edited frame of another size than the video is resized to it, with a logged warning.
+    An edited frame of another size than the video is resized to it, with a logged warning. A region
+    lock (``region``) is given at the video's size, and the output is composited at that size.
     """
     _, h, w, _ = frames.shape
     size = size or fit_size(h, w)
@@ -506,9 +552,25 @@ def edit_frames(
                         e, img.shape[1], img.shape[2], h, w)  # fmt: skip
             img = resize_frames(img[..., :3], h, w)
         fitted.append(plan.apply(img[..., :3]))
+    region: Region = kw.pop("region", None)
+    if isinstance(region, torch.Tensor):
+        region = check_region(region, frames.shape[0], h, w)
+        fitted_region = plan.apply(region.unsqueeze(-1))[..., 0]
+        fitted_region[:, plan.pad_mask()] = 0.0  # padding stays as it was
+        kw["region"] = fitted_region
+    else:
+        kw["region"] = region
     result = edit_video(host, plan.apply(frames), fps, fitted, settings, **kw)
     result.videos = [plan.invert(v) for v in result.videos]
     result.masks = [plan.invert(m.unsqueeze(-1))[..., 0] for m in result.masks]
+    if result.regions is not None:  # composited again at the source's own size: its pixels, exactly
+        result.regions = [
+            region if isinstance(region, torch.Tensor) else plan.invert(r.unsqueeze(-1))[..., 0].clamp(0, 1)
+            for r in result.regions
+        ]
+        result.videos = [
+            composite(frames, v, r, settings.region_feather) for v, r in zip(result.videos, result.regions)
+        ]
     result.report["source_size"] = [h, w]
     result.report["settings"] = asdict(settings)
     return result

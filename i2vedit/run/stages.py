@@ -23,6 +23,7 @@ from ..lora.train import TrainConfig, TrainResult, train_motion_lora
 from ..method.controller import MatchConfig
 from ..method.inversion import Inversion, MemoryMode, StepCallback
 from ..method.matching import MatchedClip, MatchedResult, matched_denoise
+from ..method.region import RegionLock
 from ..method.skip_interval import EditKV, SourceKV
 from ..precision import autocast_region
 from ..svd import LATENT_SCALE, SVDCond, TimeIds
@@ -148,17 +149,18 @@ def edit_clip(
     callback: StepCallback | None = None,
     stage: Callable[[str], AbstractContextManager[object]] = lambda _: nullcontext(),
     compute_dtype: torch.dtype | None = None,
+    lock: RegionLock | None = None,
 ) -> ClipEdit:
     """Condition on the edited frame (or ``prev``, see ``edit_conditioning``), denoise with matching, decode.
 
     ``base`` is the model that inverted the clip (it also encodes and decodes), ``host`` the one that
     denoises (with the clip's motion LoRA). ``stage(name)`` wraps each of the three parts (timing).
     ``compute_dtype`` (bf16 / fp16): the denoising's model calls under autocast (``precision``);
-    conditioning and decoding stay fp32.
+    conditioning and decoding stay fp32. ``lock``: see ``MatchedClip`` (the caller composites the frames).
     """
     with stage("condition"):
         cond = edit_conditioning(base, edited, ids, g, prev)
-    clip = MatchedClip(host, inversion, cond, match, cfg, mode, base, skip_kv)
+    clip = MatchedClip(host, inversion, cond, match, cfg, mode, base, skip_kv, lock=lock)
     with stage("denoise"), autocast_region(host.device, compute_dtype):
         result = clip.run(capture_kv=capture_kv, callback=callback)
     height, width = (8 * n for n in inversion.latent_hw)
