@@ -111,6 +111,7 @@ class EditSettings:
     train_dtype: DtypeName = "fp32"
     gradient_checkpointing: bool = True  # LoRA training recomputes in its backward: same LoRA, less memory
     region_feather: int = DEFAULT_FEATHER  # pixels a region lock fades over, inside its mask
+    colour_anchor: bool = False  # hold each later clip's colours to the frame it continues from
 
     def validate(self) -> EditSettings:
         """Refuse, before any compute, every setting that is not finite or out of its sane range."""
@@ -168,6 +169,7 @@ class EditSettings:
             "match": asdict(self.match) if self.match is not None else None, "cfg": list(self.cfg),
             "mode": self.mode, "decode_chunk": self.decode_chunk,
             **_unless_fp32("denoise_dtype", self.denoise_dtype),
+            **({"colour_anchor": True} if self.colour_anchor else {}),
         }  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
@@ -473,7 +475,8 @@ class _Run:
 
     def _edit(self, i: int, span: Span, e: int, inv: Inversion, lora_host: SVDHost) -> None:
         s = self.settings
-        key = chain_key(self.keys[e], self.prev[e])
+        prev = self.prev[e]
+        key = chain_key(self.keys[e], prev)
         # an inversion read back from the reuse folder holds no captures: replay them (exact, slower)
         mode: MemoryMode = s.mode if inv.captures is not None else "recompute"
         skip_kv = self.skip.for_denoising(i, e)
@@ -497,7 +500,8 @@ class _Run:
                              generator(s.seed, i, Purpose.CONDITION, e), s.match, s.cfg, mode, skip_kv,
                              self.skip.capture_kv(i), s.decode_chunk, _tagged(self.step_callback, i, "denoise"),
                              stage=lambda name: self.timer(name, i),
-                             compute_dtype=autocast_dtype(s.denoise_dtype), lock=lock)  # fmt: skip
+                             compute_dtype=autocast_dtype(s.denoise_dtype), lock=lock,
+                             colour_reference=prev[0][0] if s.colour_anchor and prev is not None else None)  # fmt: skip
             if region is not None:
                 source = self.frames[span[0] : span[1]]
                 edit.frames = composite(source, edit.frames, region, s.region_feather)

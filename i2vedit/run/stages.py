@@ -20,6 +20,7 @@ from ..host import SVDHost
 from ..io.files import read_tensors, save_safetensors_atomic
 from ..lora.file import LoRAWeights
 from ..lora.train import TrainConfig, TrainResult, train_motion_lora
+from ..method.colour import anchor_colours
 from ..method.controller import MatchConfig
 from ..method.inversion import Inversion, MemoryMode, StepCallback
 from ..method.matching import MatchedClip, MatchedResult, matched_denoise
@@ -150,6 +151,7 @@ def edit_clip(
     stage: Callable[[str], AbstractContextManager[object]] = lambda _: nullcontext(),
     compute_dtype: torch.dtype | None = None,
     lock: RegionLock | None = None,
+    colour_reference: torch.Tensor | None = None,
 ) -> ClipEdit:
     """Condition on the edited frame (or ``prev``, see ``edit_conditioning``), denoise with matching, decode.
 
@@ -157,12 +159,17 @@ def edit_clip(
     denoises (with the clip's motion LoRA). ``stage(name)`` wraps each of the three parts (timing).
     ``compute_dtype`` (bf16 / fp16): the denoising's model calls under autocast (``precision``);
     conditioning and decoding stay fp32. ``lock``: see ``MatchedClip`` (the caller composites the frames).
+    ``colour_reference``: the latent (C, h, w) of the frame this clip continues from, to hold its colours
+    to (``anchor_colours``, inside the lock's mask when there is one).
     """
     with stage("condition"):
         cond = edit_conditioning(base, edited, ids, g, prev)
     clip = MatchedClip(host, inversion, cond, match, cfg, mode, base, skip_kv, lock=lock)
     with stage("denoise"), autocast_region(host.device, compute_dtype):
         result = clip.run(capture_kv=capture_kv, callback=callback)
+    if colour_reference is not None:
+        result.latents = anchor_colours(result.latents, colour_reference, lock.mask if lock else None)
+        result.trajectory[-1] = result.latents
     height, width = (8 * n for n in inversion.latent_hw)
     if result.masks is not None:
         masks = result.frame_masks(height, width)
