@@ -333,7 +333,7 @@ def test_generation_sizes_svd_cannot_use_are_refused_before_reading_the_video(
     def no_reading(*a, **kw):
         raise AssertionError("the video was read before the size was checked")
 
-    monkeypatch.setattr("i2vedit.io.video.read_video", no_reading)
+    monkeypatch.setattr("i2vedit.io.video.read_video_clip", no_reading)
     assert main(_edit(tmp_path, svd_folder, *args)) == 2
     err = _one_line_error(capsys)
     assert fragment in err and "576 1024" in err
