@@ -51,6 +51,21 @@ class Audio:
     def seconds(self) -> float:
         return self.samples.shape[1] / self.sample_rate
 
+    def downmixed(self, channels: int = 2) -> Audio:
+        """This audio with at most ``channels`` channels (FFmpeg's standard downmix, e.g. 5.1 to stereo),
+        for writers that only take mono or stereo."""
+        if self.samples.shape[0] <= channels:
+            return self
+        target = av.AudioLayout(f"{channels}c").name
+        resampler = av.AudioResampler(format="fltp", layout=target, rate=self.sample_rate)
+        frame = _audio_frame(self, 0, self.samples.shape[1], self.layout or f"{self.samples.shape[0]}c")
+        out = [f.to_ndarray() for f in (*resampler.resample(frame), *resampler.resample(None))]
+        return Audio(torch.from_numpy(np.concatenate(out, axis=1)), self.sample_rate, target)
+
+    def repeated(self, times: int) -> Audio:
+        """This audio played ``times`` times in a row (one copy per edited video of a batch)."""
+        return Audio(self.samples.repeat(1, times), self.sample_rate, self.layout)
+
 
 @dataclass
 class VideoInfo:
