@@ -287,17 +287,6 @@ class EditVideo(io.ComfyNode):
             "restores the size. Set resume_name to keep each clip so an interrupted run resumes.",
             inputs=[
                 *checkpoint_inputs("SVD from Image Only Checkpoint Loader (svd or svd_xt)."),
-                io.Image.Input(
-                    "frames",
-                    optional=True,
-                    tooltip="The source video's frames (VideoHelperSuite); or connect video instead.",
-                ),
-                io.Video.Input(
-                    "video",
-                    optional=True,
-                    tooltip="The source video (LoadVideo), with its exact frame rate and audio; or connect "
-                    "frames instead.",
-                ),
                 io.Float.Input(
                     "fps",
                     default=8.0,
@@ -310,6 +299,17 @@ class EditVideo(io.ComfyNode):
                     "edited_first_frame",
                     tooltip="The edited first frame; a batch of several gives one video per edit "
                     "(they share the inversions and LoRAs), one after another in the output.",
+                ),
+                io.Image.Input(
+                    "frames",
+                    optional=True,
+                    tooltip="The source video's frames (VideoHelperSuite); or connect video instead.",
+                ),
+                io.Video.Input(
+                    "video",
+                    optional=True,
+                    tooltip="The source video (LoadVideo), with its exact frame rate and audio; or connect "
+                    "frames instead.",
                 ),
                 io.Int.Input(
                     "clip_length",
