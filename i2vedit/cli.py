@@ -13,17 +13,20 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import I2VEditError, ModelFileError
 from .io.files import atomic_write, writable_folder, write_text_atomic
-from .io.synthetic import DEMO_SIZE, demo_video
+from .io.synthetic import DEMO_FRAMES, DEMO_SIZE, demo_video
 from .method.controller import PRESETS, MatchConfig
 from .method.inversion import MEMORY_MODES
 from .precision import DTYPES, resolve_dtypes
 from .run.pipeline import MAX_CFG, MAX_CHUNK, EditSettings
+
+if TYPE_CHECKING:
+    from .io.video import Video
 
 SVD_NATIVE_SIZE = (576, 1024)
 MAX_SIDE = 2048  # each side of --size; SVD was trained at 576×1024
@@ -90,18 +93,41 @@ def _export_loras(reuse: Path, out: Path) -> list[str]:
     return names
 
 
-def run_demo(out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Every stage on a tiny random SVD: no downloads. Writes videos, comparison, LoRAs and a report."""
+DEMO_FPS = 8.0  # the demo's frame rate; a --video is sampled at this rate, or its own where that is lower
+
+
+def demo_clip(video: str | Path | None) -> tuple[Video, torch.Tensor]:
+    """The demo's source (frames, rate, audio) and edited first frame: the synthetic square, or the first
+    ``DEMO_FRAMES`` frames of ``video`` at ``DEMO_FPS`` and a small size, its first frame recoloured."""
+    from .io.frames import fit_size
+    from .io.video import Video, as_fraction, probe_video, read_video_clip
+
+    if video is None:
+        source, edited = demo_video()
+        return Video(source, as_fraction(DEMO_FPS)), edited
+    _check_input_file(str(video), "video", "a video file (mp4, mov, ...)")
+    info = probe_video(video)
+    size = fit_size(info.height, info.width, max(DEMO_SIZE))
+    sample_fps = DEMO_FPS if info.fps > DEMO_FPS else -1.0
+    clip = read_video_clip(video, sample_fps=sample_fps, max_frames=DEMO_FRAMES, size=size)
+    return clip, clip.frames[:1, ..., [2, 1, 0]].clone()  # red and blue swapped: a visible, simple edit
+
+
+def run_demo(out: str | Path, progress: bool = True, video: str | Path | None = None) -> dict[str, Any]:
+    """Every stage on a tiny random SVD: no downloads. Writes videos, comparison, LoRAs and a report.
+
+    ``video``: a few frames of this file at a small size instead of the synthetic clip (its audio is
+    carried over to the outputs)."""
     from .hosts.diffusers.tiny import build_tiny_diffusers_host, sharpen_self_attention
     from .io.video import write_video
     from .run.pipeline import EditSettings, edit_frames
 
     out_dir = writable_folder(out)
     t0 = time.perf_counter()
+    clip, edited = demo_clip(video)
     torch.manual_seed(0)
     host = sharpen_self_attention(build_tiny_diffusers_host(seed=0))
-    source, edited = demo_video()
-    fps = 8.0
+    source, fps = clip.frames, clip.fps
     settings = EditSettings(chunk=6, overlap=1, steps=12, lora_steps=10, lora_rank=8, lora_lr=1e-3, seed=0)
 
     def show(info: dict[str, Any]) -> None:
@@ -110,15 +136,19 @@ def run_demo(out: str | Path, progress: bool = True) -> dict[str, Any]:
             print(f"[demo] clip {info['clip'] + 1}/{info['clips']}: {info['stage']}{eta}", file=sys.stderr)
 
     reuse = out_dir / "reuse"
+    size = (int(source.shape[1]), int(source.shape[2])) if video is not None else DEMO_SIZE
     result = edit_frames(
-        host, source, fps, [edited], settings, size=DEMO_SIZE, reuse_dir=reuse, progress=show
+        host, source, float(fps), [edited], settings, size=size, reuse_dir=reuse, progress=show
     )
-    write_video(out_dir / "source.mp4", source, fps)
-    write_video(out_dir / "edited.mp4", result.videos[0], fps)
+    write_video(out_dir / "source.mp4", source, fps, clip.audio)
+    write_video(out_dir / "edited.mp4", result.videos[0], fps, clip.audio)
     _save_png(out_dir / "comparison.png", comparison_image(source, result.videos[0], result.masks[0]))
     loras = _export_loras(reuse, out_dir)
     report = {
         "note": "tiny random-weight SVD: this proves the install and runs every stage; it makes no meaningful edit",
+        "source": str(video) if video is not None else "synthetic",
+        "fps": str(fps),
+        "audio": clip.audio is not None,
         "frames": result.report["frames"],
         "clips": result.report["clips"],
         "clip_ranges": result.report["clip_ranges"],
@@ -391,7 +421,7 @@ def _reuse_dir(args: argparse.Namespace) -> Path:
 
 def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     from .io.frames import fit_size
-    from .io.video import read_video, write_video
+    from .io.video import read_video_clip, write_video
     from .run.pipeline import EditSettings, edit_frames
 
     out_dir = writable_folder(args.out)
@@ -408,7 +438,8 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     edits = [_read_image(p) for p in args.first_frame]
     names = output_names(args.first_frame)
     check_model_path(args.model)
-    frames, fps = read_video(args.video, args.start, args.end, args.sample_fps)
+    clip = read_video_clip(args.video, args.start, args.end, args.sample_fps)  # with its audio, if any
+    frames, fps = clip.frames, clip.fps
     n, h, w = (int(x) for x in frames.shape[:3])
     size = tuple(args.size) if args.size else fit_size(h, w)
     check_generation_size(size, min(settings.chunk, n))
@@ -423,10 +454,10 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     if args.low_memory:
         host.low_memory()
     reuse = _reuse_dir(args)
-    result = edit_frames(host, frames, fps, edits, settings, size=size, reuse_dir=reuse,
+    result = edit_frames(host, frames, float(fps), edits, settings, size=size, reuse_dir=reuse,
                          progress=lambda i: print(f"clip {i['clip'] + 1}/{i['clips']}: {i['stage']}", file=sys.stderr))  # fmt: skip
     for name, video in zip(names, result.videos):
-        write_video(out_dir / name, video, fps)
+        write_video(out_dir / name, video, fps, clip.audio)
     report = {k: v for k, v in result.report.items() if k != "settings"}
     report["outputs"] = [{"first_frame": str(p), "video": name} for p, name in zip(args.first_frame, names)]
     report["peak_memory_bytes"] = peak_memory_bytes()
@@ -545,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="i2vedit-demo", help="output folder (default ./i2vedit-demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
+    demo.add_argument("--video", help=f"a real video to run on: its first {DEMO_FRAMES} frames at {DEMO_FPS:g} fps "
+                      f"and within {max(DEMO_SIZE)} pixels, its first frame recoloured, its audio kept")  # fmt: skip
 
     bench = sub.add_parser("bench", help="print benchmark numbers as one JSON object")
     bench.add_argument(
@@ -614,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             result = runs[args.what]()
         elif args.command == "demo":
-            result = run_demo(args.out, progress=not args.quiet)
+            result = run_demo(args.out, progress=not args.quiet, video=args.video)
         else:
             result = run_edit(args)
     except I2VEditError as e:

@@ -10,7 +10,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
+from ..i2vedit.hosts.comfy.video import edit_source, video_to_comfy
 from ..i2vedit.io.frames import fit_size
+from ..i2vedit.io.video import Video
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.controller import PRESETS, MatchConfig
 from ..i2vedit.method.inversion import MEMORY_MODES
@@ -285,16 +287,29 @@ class EditVideo(io.ComfyNode):
             "restores the size. Set resume_name to keep each clip so an interrupted run resumes.",
             inputs=[
                 *checkpoint_inputs("SVD from Image Only Checkpoint Loader (svd or svd_xt)."),
-                io.Image.Input(
-                    "frames", tooltip="The source video's frames (GetVideoComponents or VideoHelperSuite)."
-                ),
                 io.Float.Input(
-                    "fps", default=8.0, min=0.01, max=1000.0, step=0.01, tooltip="Their frame rate."
+                    "fps",
+                    default=8.0,
+                    min=0.01,
+                    max=1000.0,
+                    step=0.01,
+                    tooltip="The frames' frame rate (a video carries its own).",
                 ),
                 io.Image.Input(
                     "edited_first_frame",
                     tooltip="The edited first frame; a batch of several gives one video per edit "
                     "(they share the inversions and LoRAs), one after another in the output.",
+                ),
+                io.Image.Input(
+                    "frames",
+                    optional=True,
+                    tooltip="The source video's frames (VideoHelperSuite); or connect video instead.",
+                ),
+                io.Video.Input(
+                    "video",
+                    optional=True,
+                    tooltip="The source video (LoadVideo), with its exact frame rate and audio; or connect "
+                    "frames instead.",
                 ),
                 io.Int.Input(
                     "clip_length",
@@ -356,15 +371,20 @@ class EditVideo(io.ComfyNode):
                 io.Float.Output(
                     display_name="fps", tooltip="The frame rate, for CreateVideo or Video Combine."
                 ),
+                io.Video.Output(
+                    display_name="video",
+                    tooltip="The edited video(s) with the source's audio (stereo), for SaveVideo.",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, model, clip_vision, vae, frames, fps: float, edited_first_frame, clip_length: int, steps: int,
+    def execute(cls, model, clip_vision, vae, fps: float, edited_first_frame, clip_length: int, steps: int,
                 preset: str, lora_steps: int, lora_rank: int, memory_mode: str, max_side: int, resize_mode: str,
-                max_cfg: float, seed: int, resume_name: str = "") -> io.NodeOutput:  # fmt: skip
+                max_cfg: float, seed: int, resume_name: str = "", frames=None, video=None) -> io.NodeOutput:  # fmt: skip
+        source = edit_source(frames, fps, video)
         host = host_of(model, clip_vision, vae)
-        frames = check_frames(frames)
+        frames = check_frames(source.frames)
         edits = check_frames(edited_first_frame, "edited_first_frame")
         settings = EditSettings(
             chunk=clip_length, steps=steps, match=None if preset == "off" else MatchConfig.preset(preset),
@@ -381,12 +401,15 @@ class EditVideo(io.ComfyNode):
             clips, lora_steps, size, training_hw(*size, settings), settings.skip_interval
         )
         progress = VideoProgress(clip_step_counts(clips, steps, edits.shape[0], lora_steps, train_res), model)
-        result = edit_frames(host, frames, fps, [edits[i : i + 1] for i in range(edits.shape[0])], settings,
+        result = edit_frames(host, frames, float(source.fps), [edits[i : i + 1] for i in range(edits.shape[0])], settings,
                              size=size, resize_mode=resize_mode, reuse_dir=reuse, step_callback=progress.step,
                              progress=progress.stage)  # fmt: skip
         progress.finish()
         seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.report["seconds"].items())
         text = f"{result.report['clips']} clips of {n} frames at {size[1]}×{size[0]}: {seconds}"
+        edited = torch.cat(result.videos)
+        audio = None if source.audio is None else source.audio.repeated(len(result.videos))
         return io.NodeOutput(
-            torch.cat(result.videos), torch.cat(result.masks), float(fps), ui=ui.PreviewText(text)
-        )
+            edited, torch.cat(result.masks), float(source.fps), video_to_comfy(Video(edited, source.fps, audio)),
+            ui=ui.PreviewText(text),
+        )  # fmt: skip

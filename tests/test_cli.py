@@ -333,7 +333,7 @@ def test_generation_sizes_svd_cannot_use_are_refused_before_reading_the_video(
     def no_reading(*a, **kw):
         raise AssertionError("the video was read before the size was checked")
 
-    monkeypatch.setattr("i2vedit.io.video.read_video", no_reading)
+    monkeypatch.setattr("i2vedit.io.video.read_video_clip", no_reading)
     assert main(_edit(tmp_path, svd_folder, *args)) == 2
     err = _one_line_error(capsys)
     assert fragment in err and "576 1024" in err
@@ -464,3 +464,57 @@ def test_bench_without_the_developer_tools_says_so(tmp_path):
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "developer tools (i2vedit/tools)" in out.stderr and "git checkout" in out.stderr
+
+
+# --- real video (issue 14) -----------------------------------------------------------------------
+
+
+def test_edit_writes_h264_with_the_sources_audio_for_the_range(tmp_path, svd_folder):
+    import av
+    from fixtures.real_clips import BUNNY, real_clip
+
+    from i2vedit.io.video import read_audio
+
+    source = real_clip(BUNNY)
+    assert main(_edit(tmp_path, svd_folder, *FAST, "--start", "1", "--end", "1.12", video=source)) == 0
+    out = tmp_path / "o" / "f.mp4"
+    with av.open(str(out)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        assert (video.codec_context.name, video.codec_context.pix_fmt, video.average_rate) == (
+            "h264",
+            "yuv420p",
+            25,
+        )
+        assert (audio.codec_context.name, audio.sample_rate, audio.channels) == ("aac", 48000, 6)
+        assert video.frames == 3 and (video.codec_context.height, video.codec_context.width) == (720, 1280)
+        samples = np.concatenate([f.to_ndarray() for f in container.decode(audio)], axis=1)
+    expected = read_audio(source, 1.0, 3 / 25)  # the source's sound from 1 s, for the three frames
+    assert expected is not None
+    assert abs(samples.shape[1] - expected.samples.shape[1]) <= 48000 / 25  # the same duration within a frame
+    n = min(samples.shape[1], expected.samples.shape[1])
+    assert (
+        np.abs(samples[:, :n] - expected.samples[:, :n].numpy()).mean() < 0.2 * expected.samples.abs().mean()
+    )
+
+
+def test_demo_takes_a_few_small_frames_of_a_real_video_and_its_audio():
+    from fractions import Fraction
+
+    from fixtures.real_clips import BUNNY, CARPHONE, real_clip
+
+    clip, edited = cli.demo_clip(real_clip(BUNNY))
+    assert clip.frames.shape == (10, 128, 192, 3) and clip.fps == 8  # 10 frames of 25 fps sampled at 8
+    assert clip.audio is not None and abs(clip.audio.seconds - 10 / 8) < 1 / 8
+    assert torch.equal(edited[0], clip.frames[0, ..., [2, 1, 0]])
+    slow, _ = cli.demo_clip(real_clip(CARPHONE))
+    assert slow.fps == 8 and slow.audio is None
+    with pytest.raises(cli.I2VEditError, match="no video at"):
+        cli.demo_clip("/nonexistent.mp4")
+    assert cli.demo_clip(None)[0].fps == Fraction(8)
+
+
+def test_demo_video_flag_reaches_the_demo(monkeypatch, tmp_path, capsys):
+    seen = {}
+    monkeypatch.setattr(cli, "run_demo", lambda out, progress, video: seen.update(video=video) or {})
+    assert main(["demo", "--video", "clip.mp4", "--out", str(tmp_path)]) == 0
+    assert seen == {"video": "clip.mp4"}

@@ -320,7 +320,7 @@ def test_all_in_one_node_restores_size_and_its_progress_ends_at_exactly_100(pack
             out = node.execute(**kw)
         runs.append((out, [v for v, t in seen if t == total], {t for _, t in seen}))
     (first, values, totals), (again, restored, _) = runs
-    video_out, mask, fps = first.result
+    video_out, mask, fps, _ = first.result
     assert video_out.shape == (3, 64, 96, 3) and mask.shape == (3, 64, 96) and fps == FPS
     assert first.ui.value.startswith("2 clips of 3 frames at 128×64")
     assert "invert_train_res" in first.ui.value  # the stage really ran
@@ -412,3 +412,34 @@ def test_empty_zero_size_or_non_finite_frames_are_refused_before_any_model_call(
         with pytest.raises(ValueError, match=re.escape("frames is an empty IMAGE batch (0 frames)")):
             run(pack, "I2VEditVideo", frames=frames[:0], edited_first_frame=edited, **video_kw)
     assert calls == []
+
+
+def test_all_in_one_node_takes_a_video_and_returns_one_with_the_sources_audio(pack, tiny, video, tmp_path):
+    """LoadVideo → EditVideo.video → SaveVideo: a real clip's frames, exact rate and sound go through."""
+    import av
+    from comfy_api.latest import InputImpl
+    from fixtures.real_clips import BUNNY, real_clip
+
+    from i2vedit.io.video import read_video_clip, write_video
+
+    source = read_video_clip(real_clip(BUNNY), start_t=1.0, max_frames=3, size=(36, 64))  # 5.1 sound
+    path = tmp_path / "source.mp4"
+    write_video(path, source.frames, source.fps, source.audio)
+    _, edited = video
+    kw = dict(model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae, fps=1.0,
+              edited_first_frame=edited, clip_length=3, steps=2, preset="local", lora_steps=0, lora_rank=RANK,
+              memory_mode="recompute", max_side=64, resize_mode="pad", max_cfg=2.0, seed=SEED)  # fmt: skip
+    frames, mask, fps, out = run(pack, "I2VEditVideo", video=InputImpl.VideoFromFile(str(path)), **kw)
+    assert frames.shape == (3, 36, 64, 3) and mask.shape == (3, 36, 64) and fps == 25.0  # not the fps input
+    parts = out.get_components()
+    assert torch.equal(parts.images, frames) and parts.frame_rate == 25
+    assert parts.audio["sample_rate"] == 48000 and parts.audio["waveform"].shape[:2] == (1, 2)  # 5.1 → stereo
+    assert abs(parts.audio["waveform"].shape[2] - 3 * 48000 / 25) <= 48000 / 25
+    out.save_to(str(tmp_path / "edited.mp4"))  # as SaveVideo does
+    with av.open(str(tmp_path / "edited.mp4")) as container:
+        assert [s.codec_context.name for s in container.streams] == ["h264", "aac"]
+        assert container.streams.video[0].frames == 3
+    with pytest.raises(ValueError, match="neither of frames and video are connected; connect exactly one"):
+        run(pack, "I2VEditVideo", **kw)
+    with pytest.raises(ValueError, match="both of frames and video are connected"):
+        run(pack, "I2VEditVideo", frames=frames, video=InputImpl.VideoFromFile(str(path)), **kw)
