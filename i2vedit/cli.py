@@ -58,16 +58,31 @@ def peak_memory_bytes() -> int | None:
 
 
 def comparison_image(
-    source: torch.Tensor, edited: torch.Tensor, masks: torch.Tensor, columns: int = 5
+    source: torch.Tensor,
+    edited: torch.Tensor,
+    masks: torch.Tensor,
+    columns: int = 5,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows: source, edited, difference masks, for ``columns`` frames spread over the video."""
+    """Rows: source, edited, difference masks (and the region lock's mask), for ``columns`` frames spread
+    over the video."""
     idx = torch.linspace(0, source.shape[0] - 1, min(columns, source.shape[0])).round().long()
     rows = [
         torch.cat(list(source[idx]), 1),
         torch.cat(list(edited[idx]), 1),
-        torch.cat(list(masks[idx, ..., None].expand(-1, -1, -1, 3)), 1),
+        *(
+            torch.cat(list(m[idx, ..., None].expand(-1, -1, -1, 3)), 1)
+            for m in (masks, region)
+            if m is not None
+        ),
     ]
     return torch.cat(rows, 0)
+
+
+def mask_frames(masks: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """The ``*_masks.mp4`` frames: the difference masks, and the region lock's mask beside them, in grey."""
+    both = masks if region is None else torch.cat([masks, region.to(masks.dtype)], 2)
+    return both[..., None].expand(-1, -1, -1, 3).clamp(0, 1)
 
 
 def _save_png(path: Path, image: torch.Tensor) -> None:
@@ -359,6 +374,20 @@ def _read_image(path: str) -> torch.Tensor:
     return torch.from_numpy(cv2.cvtColor(img, cv2.COLOR_BGR2RGB)).float().div(255).unsqueeze(0)
 
 
+def _read_region(path: str, frames: int, height: int, width: int) -> torch.Tensor:
+    """``--region-lock PATH``: a mask image (white = the edit may act), for every frame, checked now."""
+    import cv2
+
+    from .method.region import check_region
+
+    give = "a black-and-white PNG of the video's size (white where the edit may act)"
+    _check_input_file(path, "region mask", give)
+    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise I2VEditError(f"cannot read the region mask {path}; give {give}.")
+    return check_region(torch.from_numpy(img).float().div(255), frames, height, width)
+
+
 def output_names(first_frames: list[str]) -> list[str]:
     """One distinct ``<name>.mp4`` per edited first frame: its file name's stem, ``_2``, ``_3`` … added to
     repeats (``a/edit.png`` and ``b/edit.png`` give ``edit.mp4`` and ``edit_2.mp4``), compared without case
@@ -431,6 +460,7 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     settings = EditSettings(
         chunk=args.chunk, steps=args.steps, match=match, mode=args.memory, lora_steps=args.lora_steps,
         seed=args.seed, cfg=(1.0, args.max_cfg), denoise_dtype=denoise_dtype, train_dtype=train_dtype,
+        region_feather=args.region_feather, colour_anchor=args.colour_anchor,
     )  # fmt: skip
     settings.validate()
     if args.size:
@@ -449,17 +479,30 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
             f"{MAX_VIDEO_BYTES / 2**30:.0f} GiB; edit less at once: a shorter --start/--end range, a lower "
             "--sample-fps, or a smaller --size."
         )
+    region: torch.Tensor | str | None = args.region_lock
+    if args.region_lock not in (None, "auto"):
+        region = _read_region(args.region_lock, n, h, w)
     check_vram(args, settings, n, size)
     host = load_diffusers_host(args.model, DTYPE)
     if args.low_memory:
         host.low_memory()
     reuse = _reuse_dir(args)
-    result = edit_frames(host, frames, float(fps), edits, settings, size=size, reuse_dir=reuse,
+    result = edit_frames(host, frames, float(fps), edits, settings, size=size, reuse_dir=reuse, region=region,
                          progress=lambda i: print(f"clip {i['clip'] + 1}/{i['clips']}: {i['stage']}", file=sys.stderr))  # fmt: skip
-    for name, video in zip(names, result.videos):
+    outputs = []
+    for e, (first, name, video) in enumerate(zip(args.first_frame, names, result.videos)):
         write_video(out_dir / name, video, fps, clip.audio)
+        lock = result.regions[e] if result.regions is not None else None
+        stem = name.removesuffix(".mp4")
+        write_video(out_dir / f"{stem}_masks.mp4", mask_frames(result.masks[e], lock), fps)
+        _save_png(
+            out_dir / f"{stem}_masks.png", comparison_image(frames, video, result.masks[e], region=lock)
+        )
+        outputs.append({"first_frame": str(first), "video": name, "masks": f"{stem}_masks.mp4",
+                        "contact_sheet": f"{stem}_masks.png"})  # fmt: skip
     report = {k: v for k, v in result.report.items() if k != "settings"}
-    report["outputs"] = [{"first_frame": str(p), "video": name} for p, name in zip(args.first_frame, names)]
+    report["outputs"] = outputs
+    report["region_lock"] = None if region is None else ("auto" if region == "auto" else args.region_lock)
     report["peak_memory_bytes"] = peak_memory_bytes()
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=str), "report")
     return report
@@ -567,6 +610,22 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--low-memory", action="store_true",
                       help="less GPU memory, a little slower: one CFG branch per UNet call and the VAE and "
                       "image encoder off the GPU while the UNet runs (same results)")  # fmt: skip
+    edit.add_argument("--region-lock", metavar="auto|MASK.png",
+                      help="keep everything outside a region exactly as in the source: 'auto' (where the edited "
+                      "first frame differs, carried along the video's motion) or a mask image, white where the "
+                      "edit may act (default: no lock, the paper's method)")  # fmt: skip
+    edit.add_argument(
+        "--region-feather",
+        type=_int_in(0, 256),
+        default=8,
+        metavar="PX",
+        help="pixels the region lock fades over, inside the region (default 8)",
+    )
+    edit.add_argument(
+        "--colour-anchor",
+        action="store_true",
+        help="hold each later clip's colours to the frame it continues from (long videos)",
+    )
     edit.add_argument("--max-vram", type=_float_in(0.001, 10_000), metavar="GB",
                       help="refuse, before loading the model, a run whose planned GPU memory (weights and the "
                       "largest call of each stage, on the meta device) is over GB (10^9 bytes) in some stage")  # fmt: skip
