@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from comfy_server import ComfyServer, ComfyServerError
@@ -130,7 +131,7 @@ def _skip_reason() -> str | None:
 
 @dataclass
 class Frontend:
-    """A page of the ComfyUI frontend and what it logged (console, page errors, failed requests)."""
+    """A page of the ComfyUI frontend and what it logged: console messages and page errors."""
 
     page: Any
     server: ComfyServer
@@ -155,8 +156,6 @@ def _where_matches(kind: str, expected: str, where: str) -> bool:
     """A console error's URL path equals ``expected``; a page error's stack names ``expected``."""
     if kind == "pageerror":
         return expected in where
-    from urllib.parse import urlsplit
-
     return urlsplit(where).path == expected
 
 
@@ -210,16 +209,16 @@ def frontend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Frontend]:
     from playwright.sync_api import sync_playwright
 
     server = ComfyServer(base_dir=tmp_path_factory.mktemp("browser_comfy_base"))
-    settings = server.base_dir / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps(SETTINGS))
-    server._prepare()
-    _write_inputs(server, WORKFLOWS)
     try:
         server.start()
     except ComfyServerError as e:
         pytest.fail(str(e), pytrace=False)
     try:
+        # read per request, so in place before the page asks
+        settings = server.base_dir / "user" / "default" / "comfy.settings.json"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps(SETTINGS))
+        _write_inputs(server, WORKFLOWS)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
