@@ -12,7 +12,15 @@ from .edit_nodes import AttentionMatchSampler, EditVideo, SkipIntervalKVCache  #
 from .inversion_nodes import EDMInvertSVD, InversionCheck, LoadInversion, SaveInversion  # noqa: E402
 from .lora_nodes import LoadMotionLoRA, SaveMotionLoRA, TrainMotionLoRA  # noqa: E402
 from .sarp_node import SARPPerturb  # noqa: E402
-from .video_nodes import FitFrames, MaskPreview, RestoreFrames, SampleFrames, SelectClip, StitchClips  # noqa: E402
+from .video_nodes import (  # noqa: E402
+    AutoRegionMask,
+    FitFrames,
+    MaskPreview,
+    RestoreFrames,
+    SampleFrames,
+    SelectClip,
+    StitchClips,
+)
 
 NODES: list[type[io.ComfyNode]] = [
     EditVideo,
@@ -32,6 +40,7 @@ NODES: list[type[io.ComfyNode]] = [
     StitchClips,
     RestoreFrames,
     MaskPreview,
+    AutoRegionMask,
 ]
 
 

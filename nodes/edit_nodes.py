@@ -364,6 +364,28 @@ class EditVideo(io.ComfyNode):
                     "running again resumes at the first unfinished clip, and other edits of "
                     "the same video reuse its inversions and LoRAs.",
                 ),
+                io.Combo.Input(
+                    "region_lock",
+                    options=list(REGION_LOCKS),
+                    default="off",
+                    optional=True,
+                    tooltip="Keep everything outside a region exactly as in the source. off: the paper's method; "
+                    "auto: where the edited first frame differs, carried along the video's motion; mask: "
+                    "the region_mask input (white = may change).",
+                ),
+                io.Boolean.Input(
+                    "colour_anchor",
+                    default=False,
+                    optional=True,
+                    tooltip="Hold each later clip's colours to the frame it continues from, so long videos "
+                    "do not drift clip after clip.",
+                ),
+                io.Mask.Input(
+                    "region_mask",
+                    optional=True,
+                    tooltip="Where the edit may act (region_lock = mask): one mask, or one per frame, at the "
+                    "frames' size (Auto Region Mask makes one).",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="The edited video(s), at the source's size."),
@@ -375,20 +397,27 @@ class EditVideo(io.ComfyNode):
                     display_name="video",
                     tooltip="The edited video(s) with the source's audio (stereo), for SaveVideo.",
                 ),
+                io.Mask.Output(
+                    display_name="region_mask",
+                    tooltip="The region lock's masks, frame by frame (all ones when the lock is off).",
+                ),
             ],
         )
 
     @classmethod
     def execute(cls, model, clip_vision, vae, fps: float, edited_first_frame, clip_length: int, steps: int,
                 preset: str, lora_steps: int, lora_rank: int, memory_mode: str, max_side: int, resize_mode: str,
-                max_cfg: float, seed: int, resume_name: str = "", frames=None, video=None) -> io.NodeOutput:  # fmt: skip
+                max_cfg: float, seed: int, resume_name: str = "", frames=None, video=None,
+                region_lock: str = "off", colour_anchor: bool = False, region_mask=None) -> io.NodeOutput:  # fmt: skip
         source = edit_source(frames, fps, video)
+        region = region_choice(region_lock, region_mask)
         host = host_of(model, clip_vision, vae)
         frames = check_frames(source.frames)
         edits = check_frames(edited_first_frame, "edited_first_frame")
         settings = EditSettings(
             chunk=clip_length, steps=steps, match=None if preset == "off" else MatchConfig.preset(preset),
             cfg=(1.0, max_cfg), mode=memory_mode, lora_steps=lora_steps, lora_rank=lora_rank, seed=seed,
+            colour_anchor=colour_anchor,
         ).validate()  # fmt: skip
         reuse = None
         if resume_name.strip():
@@ -403,13 +432,35 @@ class EditVideo(io.ComfyNode):
         progress = VideoProgress(clip_step_counts(clips, steps, edits.shape[0], lora_steps, train_res), model)
         result = edit_frames(host, frames, float(source.fps), [edits[i : i + 1] for i in range(edits.shape[0])], settings,
                              size=size, resize_mode=resize_mode, reuse_dir=reuse, step_callback=progress.step,
-                             progress=progress.stage)  # fmt: skip
+                             progress=progress.stage, region=region)  # fmt: skip
         progress.finish()
         seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.report["seconds"].items())
         text = f"{result.report['clips']} clips of {n} frames at {size[1]}×{size[0]}: {seconds}"
         edited = torch.cat(result.videos)
         audio = None if source.audio is None else source.audio.repeated(len(result.videos))
+        regions = result.regions or [torch.ones(edited.shape[:3])]
         return io.NodeOutput(
             edited, torch.cat(result.masks), float(source.fps), video_to_comfy(Video(edited, source.fps, audio)),
-            ui=ui.PreviewText(text),
+            torch.cat(regions), ui=ui.PreviewText(text),
         )  # fmt: skip
+
+
+REGION_LOCKS = ("off", "auto", "mask")
+
+
+def region_choice(region_lock: str, region_mask: torch.Tensor | None) -> torch.Tensor | str | None:
+    """The all-in-one node's region lock as ``edit_frames`` takes it; a mask that would be ignored is refused."""
+    if region_lock not in REGION_LOCKS:
+        raise I2VEditError(f"region_lock is one of {', '.join(REGION_LOCKS)}, got {region_lock!r}.")
+    if region_lock == "mask":
+        if region_mask is None:
+            raise I2VEditError(
+                "region_lock is 'mask' but no region_mask is connected: connect one, or pick auto."
+            )
+        return region_mask
+    if region_mask is not None:
+        raise I2VEditError(
+            f"a region_mask is connected but region_lock is '{region_lock}': set region_lock to 'mask' to use it, "
+            "or disconnect it."
+        )
+    return None if region_lock == "off" else "auto"

@@ -16,6 +16,7 @@ from ..i2vedit.io.frames import (
     sample_frame_indices,
     stitch_clips,
 )
+from ..i2vedit.method.region import DEFAULT_DILATE, DEFAULT_THRESHOLD, auto_region
 from .common import CATEGORY, ResizeInfo, check_frames, check_resize
 
 log = logging.getLogger("i2vedit")
@@ -316,3 +317,51 @@ class MaskPreview(io.ComfyNode):
         a = (opacity * m.clamp(0, 1)).unsqueeze(-1)
         overlay = frames * (1 - a) + red * a
         return io.NodeOutput(overlay, ui=ui.PreviewImage(overlay, cls=cls))
+
+
+class AutoRegionMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="I2VEditAutoRegionMask",
+            display_name="Auto Region Mask (I2VEdit)",
+            category=f"{CATEGORY}/video",
+            description="Where the edited first frame differs from the source's first frame, carried to every "
+            "later frame along the source video's optical flow, so the region follows the object that moves. "
+            "Feed it to the all-in-one node's region_mask (region_lock = mask) to keep everything else exactly "
+            "as in the source.",
+            inputs=[
+                io.Image.Input("frames", tooltip="The source video's frames."),
+                io.Image.Input("edited_first_frame", tooltip="The edited first frame, at the frames' size."),
+                io.Float.Input(
+                    "threshold",
+                    default=DEFAULT_THRESHOLD,
+                    min=0.01,
+                    max=0.99,
+                    step=0.01,
+                    tooltip="How much a pixel must change (largest channel, 0–1) to count as edited.",
+                ),
+                io.Int.Input(
+                    "dilate",
+                    default=DEFAULT_DILATE,
+                    min=0,
+                    max=256,
+                    tooltip="Pixels the region grows by on every frame, a margin for the edit's reach.",
+                ),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="region_mask", tooltip="One mask per frame (1 = may change).")
+            ],
+        )
+
+    @classmethod
+    def execute(cls, frames, edited_first_frame, threshold: float, dilate: int) -> io.NodeOutput:
+        frames = check_frames(frames)
+        edited = check_frames(edited_first_frame, "edited_first_frame")[:1]
+        if edited.shape[1:3] != frames.shape[1:3]:
+            raise I2VEditError(
+                f"the edited frame is {edited.shape[2]}×{edited.shape[1]} and the video {frames.shape[2]}×"
+                f"{frames.shape[1]}; give the edited frame at the video's size."
+            )
+        mask = auto_region(frames, edited, threshold, dilate)
+        return io.NodeOutput(mask, ui=ui.PreviewMask(mask, cls=cls))

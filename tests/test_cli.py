@@ -518,3 +518,37 @@ def test_demo_video_flag_reaches_the_demo(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "run_demo", lambda out, progress, video: seen.update(video=video) or {})
     assert main(["demo", "--video", "clip.mp4", "--out", str(tmp_path)]) == 0
     assert seen == {"video": "clip.mp4"}
+
+
+def test_edit_with_a_region_mask_writes_the_masks_video_and_contact_sheet(tmp_path, svd_folder):
+    import av
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    args = _edit(tmp_path, svd_folder, *FAST, "--region-lock", str(tmp_path / "mask.png"), "--colour-anchor")
+    assert main(args) == 0
+    out = tmp_path / "o"
+    report = json.loads((out / "report.json").read_text())
+    assert report["region_lock"] == str(tmp_path / "mask.png")
+    assert (
+        report["outputs"][0]["masks"] == "f_masks.mp4"
+        and report["outputs"][0]["contact_sheet"] == "f_masks.png"
+    )
+    with av.open(str(out / "f_masks.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (64, 128, 3)  # difference masks | region mask
+    region = frames[0][:, 64:, 0].astype(float) / 255
+    assert region[32, 32] > 0.9 and region[4, 4] < 0.1
+    sheet = cv2.imread(str(out / "f_masks.png"))
+    assert sheet.shape == (4 * 64, 3 * 64, 3)  # source, edited, difference masks, region: 3 frames each
+
+
+def test_an_empty_region_mask_is_refused_before_the_model_loads(tmp_path, svd_folder, capsys, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_diffusers_host", no_load)
+    cv2.imwrite(str(tmp_path / "mask.png"), np.zeros((64, 64), np.uint8))
+    assert main(_edit(tmp_path, svd_folder, *FAST, "--region-lock", str(tmp_path / "mask.png"))) != 0
+    assert "region mask is empty" in _one_line_error(capsys)

@@ -320,8 +320,9 @@ def test_all_in_one_node_restores_size_and_its_progress_ends_at_exactly_100(pack
             out = node.execute(**kw)
         runs.append((out, [v for v, t in seen if t == total], {t for _, t in seen}))
     (first, values, totals), (again, restored, _) = runs
-    video_out, mask, fps, _ = first.result
+    video_out, mask, fps, _, region = first.result
     assert video_out.shape == (3, 64, 96, 3) and mask.shape == (3, 64, 96) and fps == FPS
+    assert torch.equal(region, torch.ones(3, 64, 96))  # no region lock
     assert first.ui.value.startswith("2 clips of 3 frames at 128×64")
     assert "invert_train_res" in first.ui.value  # the stage really ran
     assert total in totals
@@ -429,7 +430,7 @@ def test_all_in_one_node_takes_a_video_and_returns_one_with_the_sources_audio(pa
     kw = dict(model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae, fps=1.0,
               edited_first_frame=edited, clip_length=3, steps=2, preset="local", lora_steps=0, lora_rank=RANK,
               memory_mode="recompute", max_side=64, resize_mode="pad", max_cfg=2.0, seed=SEED)  # fmt: skip
-    frames, mask, fps, out = run(pack, "I2VEditVideo", video=InputImpl.VideoFromFile(str(path)), **kw)
+    frames, mask, fps, out, _ = run(pack, "I2VEditVideo", video=InputImpl.VideoFromFile(str(path)), **kw)
     assert frames.shape == (3, 36, 64, 3) and mask.shape == (3, 36, 64) and fps == 25.0  # not the fps input
     parts = out.get_components()
     assert torch.equal(parts.images, frames) and parts.frame_rate == 25
@@ -443,3 +444,32 @@ def test_all_in_one_node_takes_a_video_and_returns_one_with_the_sources_audio(pa
         run(pack, "I2VEditVideo", **kw)
     with pytest.raises(ValueError, match="both of frames and video are connected"):
         run(pack, "I2VEditVideo", frames=frames, video=InputImpl.VideoFromFile(str(path)), **kw)
+
+
+def test_auto_region_mask_node_follows_the_square_and_the_all_in_one_node_locks_the_rest(pack, tiny):
+    """Auto Region Mask → I2VEditVideo.region_mask (region_lock = mask): outside the region the output is
+    the source's pixels exactly, inside the edit acts; a mask that would be ignored is refused."""
+    from i2vedit.io.synthetic import moving_square
+
+    frames, square = moving_square(10, (128, 192))
+    edited = demo_video(10, (128, 192))[1]
+    (region,) = run(
+        pack, "I2VEditAutoRegionMask", frames=frames, edited_first_frame=edited, threshold=0.1, dilate=2
+    )
+    assert region.shape == (10, 128, 192)
+    grown = torch.nn.functional.max_pool2d(square.float()[:, None], 5, 1, 2)[:, 0] > 0
+    for t in range(10):
+        inter = float(((region[t] > 0.5) & grown[t]).sum())
+        assert inter / float(((region[t] > 0.5) | grown[t]).sum()) >= 0.8, t
+    kw = dict(model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae, frames=frames, fps=FPS,
+              edited_first_frame=edited, clip_length=10, steps=2, preset="local", lora_steps=0, lora_rank=RANK,
+              memory_mode="recompute", max_side=128, resize_mode="pad", max_cfg=2.0, seed=SEED)  # fmt: skip
+    out, _, _, _, used = run(pack, "I2VEditVideo", region_lock="mask", region_mask=region, **kw)
+    outside = (region == 0)[..., None].expand_as(frames)
+    assert torch.equal(used, region)
+    assert torch.equal(out[outside], frames[outside])
+    assert not torch.allclose(out[~outside], frames[~outside], atol=1e-3)
+    with pytest.raises(ValueError, match="no region_mask is connected"):
+        run(pack, "I2VEditVideo", region_lock="mask", **kw)
+    with pytest.raises(ValueError, match="region_lock is 'off'"):
+        run(pack, "I2VEditVideo", region_mask=region, **kw)

@@ -38,6 +38,7 @@ EXPECTED = {
     "i2vedit_single_clip_every_stage",
     "i2vedit_long_video_all_in_one",
     "i2vedit_reuse_lora_and_inversion",
+    "i2vedit_region_lock_auto",
 }
 CORE_TYPES = {
     "ImageOnlyCheckpointLoader",
@@ -89,6 +90,8 @@ FILE_COMBOS = {
 }
 # Widgets that deliberately differ from the node's default (file names, output prefixes).
 NOT_DEFAULT = {*FILE_COMBOS, ("SaveVideo", "filename_prefix")}
+# the region-lock workflow's choices (its all-in-one node is the long-video one's otherwise)
+REGION_WORKFLOW_CHOICES = {("I2VEditVideo", "region_lock"): "mask", ("I2VEditVideo", "colour_anchor"): True}
 LORA_FILE = "motion_lora_clip000.safetensors"
 INVERSION_FILE = "i2vedit_clip000.safetensors"
 
@@ -143,7 +146,7 @@ def workflow(request: pytest.FixtureRequest) -> tuple[Path, dict[str, Any]]:
 # ---- without ComfyUI ---------------------------------------------------------------------------
 
 
-def test_the_three_workflows_are_there() -> None:
+def test_the_four_workflows_are_there() -> None:
     assert {p.stem for p in WORKFLOWS} == EXPECTED
     assert (WORKFLOW_DIR / "README.md").is_file()
 
@@ -284,17 +287,32 @@ def test_long_video_workflow_uses_the_all_in_one_node() -> None:
         ("ImageOnlyCheckpointLoader", "MODEL", "I2VEditVideo", "model"),
         ("ImageOnlyCheckpointLoader", "CLIP_VISION", "I2VEditVideo", "clip_vision"),
         ("ImageOnlyCheckpointLoader", "VAE", "I2VEditVideo", "vae"),
-        ("GetVideoComponents", "images", "I2VEditVideo", "frames"),
-        ("GetVideoComponents", "fps", "I2VEditVideo", "fps"),
+        ("LoadVideo", "VIDEO", "I2VEditVideo", "video"),
         ("LoadImage", "IMAGE", "I2VEditVideo", "edited_first_frame"),
-        ("I2VEditVideo", "frames", "CreateVideo", "images"),
-        ("I2VEditVideo", "fps", "CreateVideo", "fps"),
-        ("CreateVideo", "VIDEO", "SaveVideo", "video"),
+        ("I2VEditVideo", "video", "SaveVideo", "video"),
+        ("I2VEditVideo", "frames", "I2VEditMaskPreview", "frames"),
         ("I2VEditVideo", "difference_mask", "I2VEditMaskPreview", "mask"),
     }
     assert expected <= edges(wf), expected - edges(wf)
     (note,) = nodes_of(wf, "Note")
     assert "VideoHelperSuite" in widget(note)
+
+
+def test_region_lock_workflow_feeds_the_automatic_mask_to_the_all_in_one_node() -> None:
+    wf = load(WORKFLOW_DIR / "i2vedit_region_lock_auto.json")
+    expected = {
+        ("LoadVideo", "VIDEO", "GetVideoComponents", "video"),
+        ("GetVideoComponents", "images", "I2VEditAutoRegionMask", "frames"),
+        ("LoadImage", "IMAGE", "I2VEditAutoRegionMask", "edited_first_frame"),
+        ("I2VEditAutoRegionMask", "region_mask", "I2VEditVideo", "region_mask"),
+        ("LoadVideo", "VIDEO", "I2VEditVideo", "video"),
+        ("LoadImage", "IMAGE", "I2VEditVideo", "edited_first_frame"),
+        ("I2VEditVideo", "video", "SaveVideo", "video"),
+        ("I2VEditVideo", "region_mask", "I2VEditMaskPreview", "mask"),
+    }
+    assert expected <= edges(wf), expected - edges(wf)
+    (edit,) = nodes_of(wf, "I2VEditVideo")
+    assert edit["widgets_values"][-2:] == list(REGION_WORKFLOW_CHOICES.values())
 
 
 def test_reuse_workflow_loads_what_the_every_stage_workflow_saves() -> None:
@@ -387,6 +405,9 @@ def check_node(node: dict[str, Any], inputs: list[tuple[str, str, dict[str, Any]
                 assert isinstance(value, str) and value.endswith(file_suffix), what
             else:
                 assert value in opts.get("options", []), f"{what} not among {opts.get('options')}"
+        chosen = REGION_WORKFLOW_CHOICES.get((node["type"], name))
+        if chosen is not None and value == chosen:
+            continue
         if kind not in ("CONTROL", "UPLOAD") and (node["type"], name) not in NOT_DEFAULT:
             assert value == opts.get("default"), f"{what}: not the default {opts.get('default')!r}"
 
