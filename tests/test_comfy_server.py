@@ -75,7 +75,7 @@ def test_server_lists_pack_and_test_nodes(comfy_server: ComfyServer) -> None:
     from test_workflows import pack_node_ids
 
     ours = pack_node_ids()  # every node_id declared in nodes/*.py
-    assert len(ours) == 17
+    assert len(ours) == 18
     assert {k for k, v in info.items() if v["python_module"] == "custom_nodes.i2vedit"} == ours
     assert all(info[k]["category"].split("/")[0] == "I2VEdit" for k in ours)
 

@@ -108,7 +108,8 @@ def load_inversion(name: str) -> dict[str, Any]:
 
 
 def every_node_prompt() -> dict[str, Any]:
-    """15 of the pack's 17 nodes over two clips, and the all-in-one node on the same frames.
+    """15 of the pack's 18 nodes over two clips, and the all-in-one node on the same frames with the
+    automatic region mask's lock.
 
     The other two, Load Motion LoRA and Load Inversion, need the files this prompt saves.
     """
@@ -144,12 +145,16 @@ def every_node_prompt() -> dict[str, Any]:
                     "inputs": {"frames": link("restore"), "mask": link("restore", 1), "opacity": 0.6}},
         "save_edit": save_image(link("restore"), "graph/edit"),
         "save_clip0": save_image(link("match0"), "graph/clip0"),
+        "region": {"class_type": "I2VEditAutoRegionMask",
+                   "inputs": {"frames": link("sample"), "edited_first_frame": link("src", 2), "threshold": 0.1,
+                              "dilate": 4}},
         "video": {"class_type": "I2VEditVideo",
                   "inputs": {"model": link("svd"), "clip_vision": link("svd", 1), "vae": link("svd", 2),
                              "frames": link("sample"), "fps": link("sample", 1),
                              "edited_first_frame": link("src", 2), "clip_length": CLIP, "steps": 2,
                              "preset": "local", "lora_steps": 1, "lora_rank": RANK, "memory_mode": "recompute",
-                             "max_side": SIZE, "resize_mode": "pad", "max_cfg": 2.0, "seed": SEED}},
+                             "max_side": SIZE, "resize_mode": "pad", "max_cfg": 2.0, "seed": SEED,
+                             "region_lock": "mask", "region_mask": link("region")}},
         "save_video": save_image(link("video"), "graph/all_in_one"),
     })  # fmt: skip
     return p
@@ -267,7 +272,7 @@ def test_every_node_runs_through_the_server(comfy_server: ComfyServer, graph: di
     prompt = every_node_prompt()
     info = comfy_server.object_info()
     pack_nodes = {k for k, v in info.items() if v["python_module"] == "custom_nodes.i2vedit"}
-    assert len(pack_nodes) == 17
+    assert len(pack_nodes) == 18
     used = {n["class_type"] for n in prompt.values()}
     assert pack_nodes - used == {"I2VEditLoadMotionLoRA", "I2VEditLoadInversion"}  # the second prompt's
     msgs = status_messages(entry)
