@@ -26,12 +26,14 @@ from .precision import DTYPES, resolve_dtypes
 from .run.pipeline import MAX_CFG, MAX_CHUNK, EditSettings
 
 if TYPE_CHECKING:
-    from .io.video import Video
+    from fractions import Fraction
+
+    from .io.frames import FrameSource
+    from .io.video import Audio, Video
 
 SVD_NATIVE_SIZE = (576, 1024)
 MAX_SIDE = 2048  # each side of --size; SVD was trained at 576×1024
 MAX_CLIP_PIXELS = 14 * 1152 * 2048  # frames per clip × height × width: SVD's 14 frames at twice its size
-MAX_VIDEO_BYTES = 8 * 2**30  # the whole video at the generation size, float32 RGB
 MAX_NAME_BYTES = 200  # output file names are cut to this (plus a number and .mp4) to stay under 255
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells use
 DTYPE = torch.float32  # the command line holds all three models in float32
@@ -448,9 +450,61 @@ def _reuse_dir(args: argparse.Namespace) -> Path:
     return Path(args.reuse) if getattr(args, "reuse", None) else Path(args.out) / "reuse"
 
 
+class _Outputs:
+    """Each edit's video, masks video and contact sheet, written clip by clip as the run makes them (a
+    ``ClipSink``): the run holds one clip, whatever the video's length."""
+
+    def __init__(
+        self, out_dir: Path, names: list[str], fps: Fraction, audio: Audio | None, frames: int
+    ) -> None:
+        from .io.video import VideoWriter
+
+        self.stems = [name.removesuffix(".mp4") for name in names]
+        self.videos = [VideoWriter(out_dir / name, fps, audio) for name in names]
+        self.masks = [VideoWriter(out_dir / f"{stem}_masks.mp4", fps) for stem in self.stems]
+        self.out_dir = out_dir
+        self.picks = (
+            torch.linspace(0, frames - 1, min(5, frames)).round().long().tolist()
+        )  # the sheet's frames
+        self.sheet: list[dict[int, tuple[torch.Tensor, ...]]] = [{} for _ in names]
+        self.locked = False
+
+    def __call__(
+        self, e: int, start: int, video: torch.Tensor, masks: torch.Tensor, region: torch.Tensor | None
+    ) -> None:
+        self.videos[e].append(video)
+        self.masks[e].append(mask_frames(masks, region))
+        self.locked = region is not None
+        for t in self.picks:
+            if start <= t < start + video.shape[0]:
+                k = t - start
+                self.sheet[e][t] = (video[k], masks[k], *((region[k],) if region is not None else ()))
+
+    def finish(self, source: FrameSource) -> list[dict[str, str]]:
+        """Close every file (each replaces its name only now) and write the contact sheets."""
+        for writer in (*self.videos, *self.masks):
+            writer.close()
+        outputs = []
+        for stem, name, picked in zip(self.stems, self.videos, self.sheet):
+            src = torch.stack([source.read(t, t + 1)[0] for t in self.picks])
+            cols = [picked[t] for t in self.picks]
+            region = torch.stack([c[2] for c in cols]) if self.locked else None
+            sheet = comparison_image(src, torch.stack([c[0] for c in cols]), torch.stack([c[1] for c in cols]),
+                                     len(self.picks), region)  # fmt: skip
+            _save_png(self.out_dir / f"{stem}_masks.png", sheet)
+            outputs.append(
+                {"video": name.path.name, "masks": f"{stem}_masks.mp4", "contact_sheet": f"{stem}_masks.png"}
+            )
+        return outputs
+
+    def discard(self) -> None:
+        for writer in (*self.videos, *self.masks):
+            writer.__exit__(I2VEditError, I2VEditError("the edit stopped"), None)
+
+
 def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     from .io.frames import fit_size
-    from .io.video import read_video_clip, write_video
+    from .io.video import VideoSource
     from .run.pipeline import EditSettings, edit_frames
 
     out_dir = writable_folder(args.out)
@@ -468,17 +522,12 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     edits = [_read_image(p) for p in args.first_frame]
     names = output_names(args.first_frame)
     check_model_path(args.model)
-    clip = read_video_clip(args.video, args.start, args.end, args.sample_fps)  # with its audio, if any
-    frames, fps = clip.frames, clip.fps
-    n, h, w = (int(x) for x in frames.shape[:3])
+    source = VideoSource(
+        args.video, args.start, args.end, args.sample_fps
+    )  # read clip by clip, with its audio
+    n, h, w = source.count, source.height, source.width
     size = tuple(args.size) if args.size else fit_size(h, w)
     check_generation_size(size, min(settings.chunk, n))
-    if n * size[0] * size[1] * 12 > MAX_VIDEO_BYTES:
-        raise I2VEditError(
-            f"{n} frames at {size[0]}×{size[1]} would take {n * size[0] * size[1] * 12 / 2**30:.1f} GiB, over "
-            f"{MAX_VIDEO_BYTES / 2**30:.0f} GiB; edit less at once: a shorter --start/--end range, a lower "
-            "--sample-fps, or a smaller --size."
-        )
     region: torch.Tensor | str | None = args.region_lock
     if args.region_lock not in (None, "auto"):
         region = _read_region(args.region_lock, n, h, w)
@@ -487,21 +536,18 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     if args.low_memory:
         host.low_memory()
     reuse = _reuse_dir(args)
-    result = edit_frames(host, frames, float(fps), edits, settings, size=size, reuse_dir=reuse, region=region,
-                         progress=lambda i: print(f"clip {i['clip'] + 1}/{i['clips']}: {i['stage']}", file=sys.stderr))  # fmt: skip
-    outputs = []
-    for e, (first, name, video) in enumerate(zip(args.first_frame, names, result.videos)):
-        write_video(out_dir / name, video, fps, clip.audio)
-        lock = result.regions[e] if result.regions is not None else None
-        stem = name.removesuffix(".mp4")
-        write_video(out_dir / f"{stem}_masks.mp4", mask_frames(result.masks[e], lock), fps)
-        _save_png(
-            out_dir / f"{stem}_masks.png", comparison_image(frames, video, result.masks[e], region=lock)
-        )
-        outputs.append({"first_frame": str(first), "video": name, "masks": f"{stem}_masks.mp4",
-                        "contact_sheet": f"{stem}_masks.png"})  # fmt: skip
+    outputs = _Outputs(out_dir, names, source.fps, source.audio, n)
+    try:
+        result = edit_frames(host, source, float(source.fps), edits, settings, size=size, reuse_dir=reuse, region=region,
+                             sink=outputs, progress=lambda i: print(f"clip {i['clip'] + 1}/{i['clips']}: {i['stage']}", file=sys.stderr))  # fmt: skip
+    except BaseException:
+        outputs.discard()  # no half-written video replaces an earlier one; the finished clips stay in the reuse folder
+        raise
+    written = outputs.finish(source)
     report = {k: v for k, v in result.report.items() if k != "settings"}
-    report["outputs"] = outputs
+    report["outputs"] = [
+        {"first_frame": str(first), **files} for first, files in zip(args.first_frame, written)
+    ]
     report["region_lock"] = None if region is None else ("auto" if region == "auto" else args.region_lock)
     report["peak_memory_bytes"] = peak_memory_bytes()
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=str), "report")

@@ -169,9 +169,10 @@ def test_two_first_frames_with_the_same_name_give_two_videos_mapped_in_the_repor
     out = tmp_path / "o"
     report = json.loads((out / "report.json").read_text())
     assert report["outputs"] == [
-        {"first_frame": str(red), "video": "edit.mp4"},
-        {"first_frame": str(blue), "video": "edit_2.mp4"},
-    ]
+        {"first_frame": str(red), "video": "edit.mp4", "masks": "edit_masks.mp4", "contact_sheet": "edit_masks.png"},
+        {"first_frame": str(blue), "video": "edit_2.mp4", "masks": "edit_2_masks.mp4",
+         "contact_sheet": "edit_2_masks.png"},
+    ]  # fmt: skip
     first = [cv2.VideoCapture(str(out / n)).read()[1].astype(float) for n in ("edit.mp4", "edit_2.mp4")]
     assert np.abs(first[0] - first[1]).mean() > 1.0  # two different edits, not one written twice
 
@@ -333,7 +334,7 @@ def test_generation_sizes_svd_cannot_use_are_refused_before_reading_the_video(
     def no_reading(*a, **kw):
         raise AssertionError("the video was read before the size was checked")
 
-    monkeypatch.setattr("i2vedit.io.video.read_video_clip", no_reading)
+    monkeypatch.setattr("i2vedit.io.video.VideoSource", no_reading)
     assert main(_edit(tmp_path, svd_folder, *args)) == 2
     err = _one_line_error(capsys)
     assert fragment in err and "576 1024" in err

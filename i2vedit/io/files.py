@@ -11,7 +11,7 @@ import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -94,6 +94,41 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_file(
+    path: str | os.PathLike, what: str = "file", *, error: type[I2VEditError] = I2VEditError
+) -> Iterator[Path]:
+    """``atomic_write`` as a context: the block writes the yielded temp path, which replaces ``path`` when
+    the block ends without an exception (for writers that write piece by piece)."""
+    target = Path(path)
+    try:
+        is_dir, has_folder = target.is_dir(), target.parent.is_dir()
+    except OSError as e:  # e.g. a name over the filesystem's length limit
+        raise error(f"cannot write {what} {target} ({e}); choose a shorter name or another folder.") from e
+    if is_dir:
+        raise error(f"{target} is a folder; give a file path to write the {what} to.")
+    if not has_folder:
+        raise error(f"folder {target.parent} does not exist; create it first or choose an existing folder.")
+    tmp = _create_temp(target, error)
+    try:
+        mode = tmp.stat().st_mode & 0o777  # 0o666 minus the umask, as the system gave it
+        yield tmp
+        if tmp.stat().st_mode & 0o777 != mode:  # a writer that made its own file (safetensors: 0o600)
+            os.chmod(tmp, mode)
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, I2VEditError) or not isinstance(e, Exception):
+            raise  # already says what to do, or an interrupt that must stay one
+        raise error(
+            f"could not write {what} {target} ({type(e).__name__}: {e}); check free disk space and that the "
+            "folder is writable, then try again. Any previous file there is unchanged."
+        ) from e
+    _fsync_folder(target.parent)
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[Path], object],
@@ -111,34 +146,9 @@ def atomic_write(
     are raised as ``error`` (an ``I2VEditError`` class) naming ``what`` could not be written and why.
     The file gets the user's normal permissions (0o666 minus the umask). Returns ``path``.
     """
-    target = Path(path)
-    try:
-        is_dir, has_folder = target.is_dir(), target.parent.is_dir()
-    except OSError as e:  # e.g. a name over the filesystem's length limit
-        raise error(f"cannot write {what} {target} ({e}); choose a shorter name or another folder.") from e
-    if is_dir:
-        raise error(f"{target} is a folder; give a file path to write the {what} to.")
-    if not has_folder:
-        raise error(f"folder {target.parent} does not exist; create it first or choose an existing folder.")
-    tmp = _create_temp(target, error)
-    try:
-        mode = tmp.stat().st_mode & 0o777  # 0o666 minus the umask, as the system gave it
+    with atomic_file(path, what, error=error) as tmp:
         write(tmp)
-        if tmp.stat().st_mode & 0o777 != mode:  # a writer that made its own file (safetensors: 0o600)
-            os.chmod(tmp, mode)
-        _fsync_file(tmp)
-        os.replace(tmp, target)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, I2VEditError) or not isinstance(e, Exception):
-            raise  # already says what to do, or an interrupt that must stay one
-        raise error(
-            f"could not write {what} {target} ({type(e).__name__}: {e}); check free disk space and that the "
-            "folder is writable, then try again. Any previous file there is unchanged."
-        ) from e
-    _fsync_folder(target.parent)
-    return target
+    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, what: str = "file") -> Path:

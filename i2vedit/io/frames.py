@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -347,3 +347,43 @@ def nonfinite_frames(frames: torch.Tensor) -> list[int]:
     sums = frames.float().sum(dim=tuple(range(1, frames.ndim)))
     suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()  # a finite frame can overflow the sum
     return [i for i in suspects if not bool(torch.isfinite(frames[i]).all())]
+
+
+class FrameSource(Protocol):
+    """Frames read a range at a time, so that a run holds one clip of a long video, not all of it."""
+
+    count: int
+    height: int
+    width: int
+
+    def read(self, start: int, end: int) -> Tensor:
+        """Frames ``start`` to ``end`` (exclusive) as an IMAGE (end − start, H, W, 3)."""
+        ...
+
+
+class TensorSource:
+    """An IMAGE batch already in memory as a ``FrameSource``."""
+
+    def __init__(self, frames: Tensor) -> None:
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+            raise I2VEditError(f"frames must be an IMAGE batch (N, H, W, 3), got {tuple(frames.shape)}.")
+        self.frames = frames
+        self.count, self.height, self.width = (int(n) for n in frames.shape[:3])
+
+    def read(self, start: int, end: int) -> Tensor:
+        return self.frames[start:end]
+
+
+class ResizedSource:
+    """Another source's frames through a ``ResizePlan`` (to the generation size), a range at a time."""
+
+    def __init__(self, source: FrameSource, plan: ResizePlan) -> None:
+        self.source, self.plan = source, plan
+        self.count, self.height, self.width = source.count, plan.dst_h, plan.dst_w
+
+    def read(self, start: int, end: int) -> Tensor:
+        return self.plan.apply(self.source.read(start, end))
+
+
+def as_source(frames: Tensor | FrameSource) -> FrameSource:
+    return TensorSource(frames) if isinstance(frames, Tensor) else frames

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import av
 import cv2
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import I2VEditError, VideoReadError
-from .files import atomic_write
+from .files import atomic_file
 from .frames import check_time_range, sample_frame_indices
 
 log = logging.getLogger("i2vedit")
@@ -341,6 +341,72 @@ def read_video_clip(
     return Video(frames, fps, sound)
 
 
+class VideoSource:
+    """The sampled frames of a video file, decoded clip by clip as they are asked for (a ``FrameSource``).
+
+    Only the frames of the last ``read`` are held, so a video of any length takes the memory of one clip.
+    Reads go forward (a read before the held frames decodes again from the start). The time range,
+    sample fps, size and audio are ``read_video_clip``'s; the frame count comes from the container, and
+    a video that ends before it raises ``VideoReadError`` when the missing frame is asked for.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        start_t: float = 0.0,
+        end_t: float = -1.0,
+        sample_fps: float = -1.0,
+        size: tuple[int, int] | None = None,
+        audio: bool = True,
+    ) -> None:
+        _check_size(size)
+        check_time_range(start_t, end_t, sample_fps)
+        self.path, self.size = path, size
+        info = probe_video(path)
+        self.indices = sample_frame_indices(info.num_frames, float(info.fps), start_t, end_t, sample_fps)
+        self.count = len(self.indices)
+        self.height, self.width = (
+            (int(size[0]), int(size[1])) if size is not None else (info.height, info.width)
+        )
+        self.fps = info.fps if sample_fps == -1 else as_fraction(sample_fps)
+        seconds = float(self.count / self.fps)
+        self.audio = (
+            read_audio(path, float(self.indices[0] / info.fps), seconds) if audio and info.has_audio else None
+        )
+        self._decoder: Iterator[np.ndarray] | None = None
+        self._next = 0  # the sampled position the decoder yields next
+        self._held: list[tuple[int, Tensor]] = []
+
+    def read(self, start: int, end: int) -> Tensor:
+        """Frames ``start`` to ``end`` (exclusive) of the sampled ones, as an IMAGE (end − start, H, W, 3)."""
+        if not 0 <= start < end <= self.count:
+            raise I2VEditError(
+                f"frames {start}..{end} are not within the video's {self.count} sampled frames."
+            )
+        if (
+            self._decoder is None
+            or (self._held and start < self._held[0][0])
+            or (not self._held and start < self._next)
+        ):
+            self._decoder, self._next, self._held = (
+                iter_video_frames(self.path, self.indices, self.size),
+                0,
+                [],
+            )
+        self._held = [(pos, f) for pos, f in self._held if pos >= start]
+        while self._next < end:
+            rgb = next(self._decoder, None)
+            if rgb is None:
+                raise VideoReadError(
+                    f"{self.path} ended after {self._next} of its {self.count} sampled frames (a damaged or cut "
+                    f"file?); {_CONVERT_HINT}."
+                )
+            if self._next >= start:
+                self._held.append((self._next, torch.from_numpy(rgb).float().div_(255.0)))
+            self._next += 1
+        return torch.stack([f for pos, f in self._held if pos < end])
+
+
 def read_video(
     path: str | os.PathLike,
     start_t: float = 0.0,
@@ -392,55 +458,133 @@ def _audio_frame(audio: Audio, start: int, stop: int, layout: str) -> Any:
     return frame
 
 
-def write_video(
-    path: str | os.PathLike, frames: Tensor, fps: float | Fraction, audio: Audio | None = None
-) -> None:
-    """Write IMAGE frames (F, H, W, 3) to an H.264 yuv420p mp4 at exactly ``fps``, with ``audio`` as AAC.
+class VideoWriter:
+    """An H.264 yuv420p mp4 written clip by clip at exactly ``fps``, with ``audio`` as AAC (``write_video``).
 
-    Odd sizes are padded to even with the last row or column (yuv420p needs even sizes). Audio past
-    the video's end is cut; audio AAC cannot carry is dropped with a logged warning, never failing
-    the write. The file is replaced atomically and read back before it replaces ``path``: a write
-    that fails (a full disk) raises an ``I2VEditError`` and leaves any previous file intact.
+    ``append`` encodes IMAGE frames (F, H, W, 3) as they come, the audio of their duration interleaved,
+    so a long video never has to be held whole; ``close`` (the end of a ``with`` block) reads the file
+    back and moves it onto ``path`` atomically. Odd sizes are padded to even with the last row or column
+    (yuv420p needs even sizes). Audio past the video's end is cut; audio AAC cannot carry is dropped with
+    a logged warning, never failing the write. A write that fails (a full disk) raises an
+    ``I2VEditError`` and leaves any previous file intact; so does an exception inside the block.
     """
-    p = Path(path)
-    if p.suffix.lower() != ".mp4":
-        raise I2VEditError(
-            f"{p} does not end in .mp4; write_video writes mp4, so give a path ending in .mp4."
-        )
-    rate = as_fraction(fps)
-    if frames.ndim != 4 or frames.shape[3] != 3 or frames.shape[0] < 1:
-        raise I2VEditError(
-            f"frames have shape {tuple(frames.shape)}; give an IMAGE batch of shape (F, H, W, 3) with F >= 1."
-        )
-    height, width = (
-        int(frames.shape[1]) + int(frames.shape[1]) % 2,
-        int(frames.shape[2]) + int(frames.shape[2]) % 2,
-    )
-    count = int(frames.shape[0])
 
-    def write(tmp: Path) -> None:
-        with av.open(str(tmp), mode="w", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("h264", rate=rate)
+    def __init__(self, path: str | os.PathLike, fps: float | Fraction, audio: Audio | None = None) -> None:
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".mp4":
+            raise I2VEditError(
+                f"{self.path} does not end in .mp4; write_video writes mp4, so give a path ending in .mp4."
+            )
+        self.rate, self.audio = as_fraction(fps), audio
+        self.count = 0
+        self._file: contextlib.AbstractContextManager[Path] | None = None
+        self._container: Any = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if error is None:
+            self.close()
+        else:  # the block failed: drop the file quietly and let its error through
+            self._discard()
+
+    def _open(self, height: int, width: int) -> None:
+        self._file = atomic_file(self.path, "video")
+        self._tmp = self._file.__enter__()
+        try:
+            self._container = av.open(str(self._tmp), mode="w", options={"movflags": "+faststart"})
+            stream = self._container.add_stream("h264", rate=self.rate)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if stream.codec_context.name == "libx264":
                 stream.options = {"crf": str(CRF)}
-            sound = _audio_stream(container, audio, p)
-            samples_per_frame = 0 if sound is None else audio.sample_rate / rate  # type: ignore[union-attr]
-            for i, image in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(_to_even_rgb24(image, height, width), format="rgb24")
-                frame.pts = i
-                container.mux(stream.encode(frame.reformat(format="yuv420p")))
-                if sound is not None:  # the audio of this frame's duration, interleaved with the video
-                    start, stop = round(i * samples_per_frame), round((i + 1) * samples_per_frame)
-                    stop = min(stop, audio.samples.shape[1])  # type: ignore[union-attr]
-                    if stop > start:
-                        container.mux(sound.encode(_audio_frame(audio, start, stop, sound.layout.name)))  # type: ignore[arg-type]
-            container.mux(stream.encode(None))
-            if sound is not None:
-                container.mux(sound.encode(None))
-        _check_written(tmp, count, p)
+            self._video, self._size = stream, (height, width)
+            self._sound = _audio_stream(self._container, self.audio, self.path)
+        except BaseException as e:
+            self._fail(e)
 
-    atomic_write(p, write, "video")
+    def append(self, frames: Tensor) -> None:
+        """Encode IMAGE frames (F, H, W, 3) of the size of the first ones after those appended so far."""
+        if frames.ndim != 4 or frames.shape[3] != 3 or frames.shape[0] < 1:
+            raise I2VEditError(
+                f"frames have shape {tuple(frames.shape)}; give an IMAGE batch of shape (F, H, W, 3) with F >= 1."
+            )
+        size = (
+            int(frames.shape[1]) + int(frames.shape[1]) % 2,
+            int(frames.shape[2]) + int(frames.shape[2]) % 2,
+        )
+        if self._container is None:
+            self._open(*size)
+        elif size != self._size:
+            raise I2VEditError(
+                f"frames of {size} after frames of {self._size}: one video has one frame size."
+            )
+        try:
+            for image in frames:
+                self._encode(image)
+        except BaseException as e:
+            self._fail(e)
+
+    def _encode(self, image: Tensor) -> None:
+        i, (height, width) = self.count, self._size
+        frame = av.VideoFrame.from_ndarray(_to_even_rgb24(image, height, width), format="rgb24")
+        frame.pts = i
+        self._container.mux(self._video.encode(frame.reformat(format="yuv420p")))
+        audio, sound = self.audio, self._sound
+        if sound is not None and audio is not None:  # the audio of this frame's duration, interleaved
+            per_frame = audio.sample_rate / self.rate
+            start, stop = round(i * per_frame), min(round((i + 1) * per_frame), audio.samples.shape[1])
+            if stop > start:
+                self._container.mux(sound.encode(_audio_frame(audio, start, stop, sound.layout.name)))
+        self.count += 1
+
+    def close(self) -> None:
+        """Flush the encoders, check the file holds every frame, and move it onto ``path``."""
+        if self._container is None:
+            raise I2VEditError(f"no frames were given for {self.path}; a video needs at least one frame.")
+        try:
+            self._container.mux(self._video.encode(None))
+            if self._sound is not None:
+                self._container.mux(self._sound.encode(None))
+            self._container.close()
+            self._container = None
+            _check_written(self._tmp, self.count, self.path)
+        except BaseException as e:
+            self._fail(e)
+        assert self._file is not None
+        self._file.__exit__(None, None, None)
+        self._file = None
+
+    def _close_container(self) -> None:
+        if self._container is not None:
+            with contextlib.suppress(Exception):
+                self._container.close()
+            self._container = None
+
+    def _fail(self, error: BaseException) -> NoReturn:
+        """Drop the temp file (the previous file at ``path`` stays) and raise ``error`` as ``atomic_file``
+        words a failed write."""
+        self._close_container()
+        file, self._file = self._file, None
+        if file is not None:
+            file.__exit__(type(error), error, error.__traceback__)
+        raise error
+
+    def _discard(self) -> None:
+        self._close_container()
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(BaseException):
+                file.__exit__(I2VEditError, I2VEditError("discarded"), None)
+
+
+def write_video(
+    path: str | os.PathLike, frames: Tensor, fps: float | Fraction, audio: Audio | None = None
+) -> None:
+    """Write IMAGE frames (F, H, W, 3) to an H.264 yuv420p mp4 at exactly ``fps``, with ``audio`` as AAC
+    (``VideoWriter``, all frames at once)."""
+    with VideoWriter(path, fps, audio) as writer:
+        writer.append(frames)
 
 
 def _check_written(tmp: Path, expected: int, target: Path) -> None:

@@ -47,7 +47,7 @@ def feather(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def check_region(region: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
-    """One mask per frame at (height, width), from a MASK of 1 or ``frames`` masks of any size.
+    """A MASK of 1 or ``frames`` masks at (height, width) (``region_frames`` takes a range of frames).
 
     Another size is resized, with a logged warning; another count, an empty mask, or values outside
     [0, 1] are refused before any compute.
@@ -78,7 +78,14 @@ def check_region(region: torch.Tensor, frames: int, height: int, width: int) -> 
             "the region mask is empty, so the edit may act nowhere: paint where the edit should act (white), "
             "or leave the region lock off."
         )
-    return region.expand(frames, height, width).contiguous()
+    return region
+
+
+def region_frames(region: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Frames ``start`` to ``end`` of a checked region (one mask for all frames, or one per frame)."""
+    if region.shape[0] == 1:
+        return region.expand(end - start, *region.shape[1:])
+    return region[start:end]
 
 
 def composite(source: torch.Tensor, edited: torch.Tensor, region: torch.Tensor, radius: int) -> torch.Tensor:
@@ -132,6 +139,60 @@ def edit_difference(source: torch.Tensor, edited: torch.Tensor, threshold: float
     return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
 
 
+class RegionTracker:
+    """``auto_region`` frame after frame: the first frame's difference, carried along the flow as frames come.
+
+    ``advance`` takes the frames after those it has seen (the first call starts with frame 0) and returns
+    their masks, so a long video is tracked clip by clip in the memory of one clip.
+    """
+
+    def __init__(
+        self,
+        source_first: torch.Tensor,
+        edited_first: torch.Tensor,
+        threshold: float = DEFAULT_THRESHOLD,
+        dilate: int = DEFAULT_DILATE,
+    ) -> None:
+        if tuple(edited_first.shape[-3:-1]) != tuple(source_first.shape[-3:-1]):
+            raise I2VEditError(
+                f"the edited frame {tuple(edited_first.shape)} and the video's {tuple(source_first.shape)} must be "
+                "IMAGE tensors of one size."
+            )
+        if not 0 < threshold < 1:
+            raise I2VEditError(f"the difference threshold lies in (0, 1), got {threshold}.")
+        self.core = edit_difference(
+            source_first.reshape(source_first.shape[-3:]),
+            edited_first.reshape(edited_first.shape[-3:]),
+            threshold,
+        )
+        if not self.core.any():
+            raise I2VEditError(
+                f"the edited first frame differs from the source's nowhere by more than {threshold:g}: there is no "
+                "edit to lock a region around; lower the threshold or check that the edited frame is the edit."
+            )
+        h, w = self.core.shape
+        self._grid = np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).astype(np.float32)
+        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)  # type: ignore[attr-defined]
+        self._prev: np.ndarray | None = None
+        self.dilate = dilate
+
+    def advance(self, frames: torch.Tensor) -> torch.Tensor:
+        """The masks (F, H, W) of ``frames`` (F, H, W, 3), the frames that follow those seen so far."""
+        out = []
+        for frame in frames:
+            cur = _gray(frame)
+            if self._prev is not None:
+                flow = self._dis.calc(cur, self._prev, None)  # cur(p) ≈ prev(p + flow(p))
+                maps = self._grid + flow
+                warped = cv2.remap(self.core.astype(np.float32), maps[..., 0], maps[..., 1], cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)  # fmt: skip
+                static = cv2.absdiff(cv2.blur(cur, (3, 3)), cv2.blur(self._prev, (3, 3))) <= STATIC_LEVEL
+                self.core = np.where(static, self.core, (warped >= 0.5).astype(np.uint8))
+            out.append(_dilate(self.core, self.dilate))
+            self._prev = cur
+        return torch.from_numpy(np.stack(out)).float()
+
+
 def auto_region(
     frames: torch.Tensor,
     edited_first: torch.Tensor,
@@ -145,34 +206,6 @@ def auto_region(
     object that moves, except where the source pixel did not change (``STATIC_LEVEL``), which keeps
     its mask; each frame's mask is then dilated by ``dilate`` pixels.
     """
-    if edited_first.ndim == 3:
-        edited_first = edited_first[None]
-    if frames.ndim != 4 or tuple(edited_first.shape[1:3]) != tuple(frames.shape[1:3]):
-        raise I2VEditError(
-            f"the edited frame {tuple(edited_first.shape)} and the video {tuple(frames.shape)} must be IMAGE "
-            "tensors of one size."
-        )
-    if not 0 < threshold < 1:
-        raise I2VEditError(f"the difference threshold lies in (0, 1), got {threshold}.")
-    core = edit_difference(frames[0], edited_first[0], threshold)
-    if not core.any():
-        raise I2VEditError(
-            f"the edited first frame differs from the source's nowhere by more than {threshold:g}: there is no "
-            "edit to lock a region around; lower the threshold or check that the edited frame is the edit."
-        )
-    h, w = core.shape
-    grid = np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).astype(np.float32)
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)  # type: ignore[attr-defined]
-    out = [_dilate(core, dilate)]
-    prev = _gray(frames[0])
-    for t in range(1, frames.shape[0]):
-        cur = _gray(frames[t])
-        flow = dis.calc(cur, prev, None)  # cur(p) ≈ prev(p + flow(p))
-        maps = grid + flow
-        warped = cv2.remap(core.astype(np.float32), maps[..., 0], maps[..., 1], cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)  # fmt: skip
-        static = cv2.absdiff(cv2.blur(cur, (3, 3)), cv2.blur(prev, (3, 3))) <= STATIC_LEVEL
-        core = np.where(static, core, (warped >= 0.5).astype(np.uint8))
-        out.append(_dilate(core, dilate))
-        prev = cur
-    return torch.from_numpy(np.stack(out)).float()
+    if frames.ndim != 4:
+        raise I2VEditError(f"the video must be an IMAGE batch (N, H, W, 3), got {tuple(frames.shape)}.")
+    return RegionTracker(frames[0], edited_first, threshold, dilate).advance(frames)

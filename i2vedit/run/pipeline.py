@@ -33,21 +33,24 @@ from ..errors import I2VEditError
 from ..host import SVDHost
 from ..io.files import read_tensors, save_safetensors_atomic
 from ..io.frames import (
+    FrameSource,
+    ResizedSource,
     ResizeMode,
+    TensorSource,
+    as_source,
     check_size,
     clip_ranges,
     fit_size,
     make_resize_plan,
     nonfinite_frames,
     resize_frames,
-    stitch_clips,
 )
 from ..lora.file import LoRAWeights, load_lora, save_lora
 from ..lora.train import TrainConfig, latest_checkpoint, training_size
 from ..method.controller import MatchConfig
 from ..method.inversion import Inversion, MemoryMode, check_mode, invert
 from ..method.matching import MatchedClip, MatchedResult
-from ..method.region import DEFAULT_FEATHER, RegionLock, auto_region, check_region, composite
+from ..method.region import DEFAULT_FEATHER, RegionLock, RegionTracker, check_region, composite, region_frames
 from ..method.sarp import sarp
 from ..method.skip_interval import SkipInterval
 from ..precision import DtypeName, autocast_dtype, check_device, check_dtype
@@ -191,15 +194,57 @@ def _unless_fp32(key: str, name: str) -> dict[str, str]:
 
 @dataclass
 class EditResult:
+    """Per edited first frame: the video, its difference masks and (with a region lock) its region masks.
+
+    A run given a ``ClipSink`` hands every clip to it as it is made, and these lists stay empty.
+    """
+
     videos: list[torch.Tensor]  # one (frames, H, W, 3) IMAGE per edited first frame
     masks: list[torch.Tensor]  # one (frames, H, W) difference mask per edit (zeros without matching)
     report: dict[str, Any] = field(default_factory=dict)
     regions: list[torch.Tensor] | None = None  # one (frames, H, W) region-lock mask per edit, or no lock
 
 
-def _digest(t: torch.Tensor) -> str:
-    data = (t.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
-    return hashlib.sha1(data.numpy().tobytes()).hexdigest()[:16]
+# (edit, index of the first frame in the video, frames, difference masks, region masks or None): the frames
+# a clip adds to one edit's video (its overlap with the previous clip left out), in order
+ClipSink = Callable[[int, int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+class _Collected:
+    """A ``ClipSink`` that keeps every clip: the whole videos, for callers that want them in memory."""
+
+    def __init__(self, edits: int) -> None:
+        self.parts: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [
+            [] for _ in range(edits)
+        ]
+
+    def __call__(
+        self, e: int, start: int, frames: torch.Tensor, masks: torch.Tensor, region: torch.Tensor | None
+    ) -> None:
+        self.parts[e].append((frames, masks, region))
+
+    def fill(self, result: EditResult) -> EditResult:
+        result.videos = [torch.cat([f for f, _, _ in parts]) for parts in self.parts]
+        result.masks = [torch.cat([m for _, m, _ in parts]) for parts in self.parts]
+        if all(r is not None for parts in self.parts for _, _, r in parts):
+            result.regions = [torch.cat([r for _, _, r in parts if r is not None]) for parts in self.parts]
+        return result
+
+
+def _digest(source: FrameSource, block: int) -> str:
+    """A digest of the frames' 8-bit values, read ``block`` frames at a time."""
+    h = hashlib.sha1()
+    for start in range(0, source.count, block):
+        frames = source.read(start, min(source.count, start + block))
+        h.update(
+            (frames.detach().float().cpu().clamp(0, 1) * 255)
+            .round()
+            .to(torch.uint8)
+            .contiguous()
+            .numpy()
+            .tobytes()
+        )
+    return h.hexdigest()[:16]
 
 
 class Timer:
@@ -234,12 +279,12 @@ def training_hw(height: int, width: int, settings: EditSettings) -> tuple[int, i
     return (height, width) if hw[0] * hw[1] > height * width else (int(hw[0]), int(hw[1]))
 
 
-def _check_inputs(frames: torch.Tensor, fps: float, edits: list[torch.Tensor]) -> tuple[int, int, int]:
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise I2VEditError(f"frames must be an IMAGE batch (N, H, W, 3), got {tuple(frames.shape)}.")
-    n, height, width, _ = frames.shape
+def _check_inputs(source: FrameSource, fps: float, edits: list[torch.Tensor]) -> tuple[int, int, int]:
+    n, height, width = source.count, source.height, source.width
     check_size(height, width)
-    if nonfinite_frames(frames):
+    if isinstance(source, TensorSource) and nonfinite_frames(
+        source.frames
+    ):  # a file's frames are always finite
         raise I2VEditError("the video frames hold NaN or inf values; give frames in [0, 1].")
     if not edits:
         raise I2VEditError("give at least one edited first frame.")
@@ -259,28 +304,57 @@ def _check_inputs(frames: torch.Tensor, fps: float, edits: list[torch.Tensor]) -
 Region = torch.Tensor | str | None  # a MASK, "auto", or no region lock
 
 
-def resolve_regions(
-    frames: torch.Tensor, edits: list[torch.Tensor], region: Region
-) -> list[torch.Tensor] | None:
-    """One region-lock mask (N, H, W) per edit: the given MASK for every edit, each edit's ``auto_region``,
-    or None (no lock). Refused before any compute when it does not fit (``check_region``)."""
-    if region is None:
-        return None
-    n, height, width, _ = frames.shape
-    if isinstance(region, str):
-        if region != "auto":
-            raise I2VEditError(f"a region lock is a MASK or 'auto', got {region!r}.")
-        return [check_region(auto_region(frames, img), n, height, width) for img in edits]
-    mask = check_region(region, n, height, width)
-    if float(mask.min()) == 1:
-        log.info("the region mask covers every pixel, so the edit runs without a region lock")
-        return None
-    return [mask] * len(edits)
+class Regions:
+    """The region lock of a run, clip by clip: one given MASK for every edit, or each edit's automatic mask
+    (``RegionTracker``, fed the clips in order). Checked before any compute."""
+
+    def __init__(self, source: FrameSource, edits: list[torch.Tensor], region: torch.Tensor | str) -> None:
+        self.mask: torch.Tensor | None = None
+        self.trackers: list[RegionTracker] = []
+        if isinstance(region, str):
+            if region != "auto":
+                raise I2VEditError(f"a region lock is a MASK or 'auto', got {region!r}.")
+            first = source.read(0, 1)
+            self.trackers = [
+                RegionTracker(first, img) for img in edits
+            ]  # refuses an edit that changes nothing
+            self.held: list[tuple[int, torch.Tensor]] = [(0, torch.empty(0))] * len(edits)
+        else:
+            self.mask = check_region(region, source.count, source.height, source.width)
+
+    @staticmethod
+    def make(source: FrameSource, edits: list[torch.Tensor], region: Region) -> Regions | None:
+        """None without a lock, or with a mask that covers every pixel (said in the log)."""
+        if region is None:
+            return None
+        regions = Regions(source, edits, region)
+        if regions.mask is not None and float(regions.mask.min()) == 1:
+            log.info("the region mask covers every pixel, so the edit runs without a region lock")
+            return None
+        return regions
+
+    def identity(self, e: int) -> dict[str, Any]:
+        """What of the lock shapes edit ``e`` (for its reuse key)."""
+        if self.mask is None:
+            tracker = self.trackers[e]
+            return {"region": "auto", "region_dilate": tracker.dilate}
+        return {"region": hashlib.sha256(self.mask.numpy().tobytes()).hexdigest()[:20]}
+
+    def clip(self, e: int, start: int, frames: torch.Tensor) -> torch.Tensor:
+        """Edit ``e``'s masks of the clip ``frames`` that starts at frame ``start`` (clips come in order)."""
+        if self.mask is not None:
+            return region_frames(self.mask, start, start + frames.shape[0])
+        first, held = self.held[e]  # the masks of the previous clip: its overlap frames are this clip's first
+        seen = first + held.shape[0]
+        new = self.trackers[e].advance(frames[seen - start :])
+        masks = torch.cat([held[start - first :], new]) if seen > start else new
+        self.held[e] = (start, masks)
+        return masks
 
 
 def edit_video(
     host: SVDHost,
-    frames: torch.Tensor,
+    frames: torch.Tensor | FrameSource,
     fps: float,
     edits: list[torch.Tensor],
     settings: EditSettings = EditSettings(),
@@ -289,17 +363,21 @@ def edit_video(
     should_stop: Callable[[], bool] | None = None,
     step_callback: Progress | None = None,
     region: Region = None,
+    sink: ClipSink | None = None,
 ) -> EditResult:
     """Edit ``frames`` (N, H, W, 3) at a valid generation size with each edited first frame (1, H, W, 3).
 
     ``progress`` hears of each stage of each clip; ``step_callback`` of each model step (inversion,
     training, denoising; it may raise to interrupt: finished clips, and the LoRA training so far,
     stay in the reuse folder); ``should_stop`` is polled between clips and training steps.
-    ``region``: a region lock (``resolve_regions``): outside it the output is the source's pixels.
+    ``region``: a region lock (``Regions``): outside it the output is the source's pixels.
+    ``frames`` may be a ``FrameSource`` (a video file read clip by clip) and ``sink`` a ``ClipSink`` (a
+    writer): then the run holds one clip at a time, whatever the video's length.
     """
     settings = settings.validate()
-    n, height, width = _check_inputs(frames, fps, edits)
-    regions = resolve_regions(frames, edits, region)
+    source = as_source(frames)
+    n, height, width = _check_inputs(source, fps, edits)
+    regions = Regions.make(source, edits, region)
     ranges = video_clip_ranges(n, settings)
     if ranges[0][1] - ranges[0][0] < 2:
         raise I2VEditError("the video has a single frame; SVD needs at least 2 frames.")
@@ -311,12 +389,15 @@ def edit_video(
     folder = None
     if reuse_dir is not None:
         identity = {
-            "format": FORMAT, "video": _digest(frames), "model": fingerprint, "settings": settings.identity(),
+            "format": FORMAT, "video": _digest(source, settings.chunk), "model": fingerprint, "settings": settings.identity(),
             "frames": n, "size": [height, width],
         }  # fmt: skip
         folder = ReuseFolder(reuse_dir, identity)
-    run = _Run(host, fingerprint, frames, fps, edits, settings, ReuseStore(folder), train_hw, ranges,
-               progress, should_stop, step_callback, regions)  # fmt: skip
+    collected = None
+    if sink is None:
+        sink = collected = _Collected(len(edits))
+    run = _Run(host, fingerprint, source, fps, edits, settings, ReuseStore(folder), train_hw, ranges,
+               progress, should_stop, step_callback, regions, sink)  # fmt: skip
     with folder if folder is not None else nullcontext():
         for i in range(len(ranges)):
             run.clip(i)
@@ -326,22 +407,22 @@ def edit_video(
         "stored_bytes": run.stored, "edit_keys": run.keys, "warnings": run.store.warnings,
         "dtypes": {"denoise": settings.denoise_dtype, "train": settings.train_dtype},
     }  # fmt: skip
-    videos = [stitch_clips(parts, settings.overlap) for parts in run.outputs]
-    return EditResult(videos, [stitch_clips(parts, settings.overlap) for parts in run.masks], report, regions)
+    result = EditResult([], [], report)
+    return collected.fill(result) if collected is not None else result
 
 
 class _Run:
     """One ``edit_video`` run: the method clip by clip, with what carries from clip to clip."""
 
-    def __init__(self, host: SVDHost, fingerprint: str, frames: torch.Tensor, fps: float, edits: list[torch.Tensor],
+    def __init__(self, host: SVDHost, fingerprint: str, source: FrameSource, fps: float, edits: list[torch.Tensor],
                  settings: EditSettings, store: ReuseStore, train_hw: tuple[int, int], ranges: list[Span],
                  progress: Progress | None, should_stop: Callable[[], bool] | None,
-                 step_callback: Progress | None, regions: list[torch.Tensor] | None = None) -> None:  # fmt: skip
+                 step_callback: Progress | None, regions: Regions | None, sink: ClipSink) -> None:  # fmt: skip
         self.host, self.fingerprint, self.settings = host, fingerprint, settings
-        self.frames, self.edits, self.regions = frames, edits, regions
+        self.source, self.edits, self.regions, self.sink = source, edits, regions, sink
         self.store, self.train_hw, self.ranges = store, train_hw, ranges
         self.should_stop, self.step_callback = should_stop, step_callback
-        self.size = (int(frames.shape[1]), int(frames.shape[2]))
+        self.size = (source.height, source.width)
         self.keys = [
             edit_key(img, {**settings.edit_identity(), **self._region_identity(e)})
             for e, img in enumerate(edits)
@@ -349,8 +430,6 @@ class _Run:
         self.timer = Timer(progress, len(ranges))
         self.denoise_ids = denoise_time_ids(fps)
         self.skip = SkipInterval(settings.skip_interval, len(edits), capture=settings.mode == "cache")
-        self.outputs: list[list[torch.Tensor]] = [[] for _ in edits]
-        self.masks: list[list[torch.Tensor]] = [[] for _ in edits]
         # per edit: the previous edited clip's final last-frame latent and decoded last frame
         self.prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(edits)
         self.perturbed0: torch.Tensor | None = None
@@ -359,8 +438,7 @@ class _Run:
     def _region_identity(self, e: int) -> dict[str, Any]:
         if self.regions is None:
             return {}
-        return {"region": hashlib.sha256(self.regions[e].numpy().tobytes()).hexdigest()[:20],
-                "region_feather": self.settings.region_feather}  # fmt: skip
+        return {**self.regions.identity(e), "region_feather": self.settings.region_feather}
 
     def clip(self, i: int) -> None:
         """SARP → inversion (base model) → motion LoRA → each edit's matched denoising, chained."""
@@ -370,7 +448,10 @@ class _Run:
                 f"interrupted before clip {i + 1} of {len(self.ranges)}; finished clips are in the reuse folder."
             )
         with self.timer("sarp", i):
-            perturbed, _ = sarp(self.frames[span[0] : span[1]], derived_seed(s.seed, i, Purpose.SARP),
+            frames = self.source.read(*span)
+            if nonfinite_frames(frames):
+                raise I2VEditError(f"frames {span[0]}..{span[1] - 1} of the video hold NaN or inf values.")
+            perturbed, _ = sarp(frames, derived_seed(s.seed, i, Purpose.SARP),
                                 s.sarp_noise, s.sarp_threshold)  # fmt: skip
         if i == 0:
             self.perturbed0 = perturbed
@@ -379,7 +460,7 @@ class _Run:
             self.host.with_lora(self._lora(i, span, perturbed, inv)) if s.lora_steps > 0 else self.host
         )
         for e in range(len(self.edits)):
-            self._edit(i, span, e, inv, lora_host)
+            self._edit(i, span, e, inv, lora_host, frames)
 
     def _inversion(self, i: int, span: Span, perturbed: torch.Tensor) -> Inversion:
         s = self.settings
@@ -473,14 +554,16 @@ class _Run:
                 resume = None
         return checkpoints, resume
 
-    def _edit(self, i: int, span: Span, e: int, inv: Inversion, lora_host: SVDHost) -> None:
+    def _edit(
+        self, i: int, span: Span, e: int, inv: Inversion, lora_host: SVDHost, frames: torch.Tensor
+    ) -> None:
         s = self.settings
         prev = self.prev[e]
         key = chain_key(self.keys[e], prev)
         # an inversion read back from the reuse folder holds no captures: replay them (exact, slower)
         mode: MemoryMode = s.mode if inv.captures is not None else "recompute"
         skip_kv = self.skip.for_denoising(i, e)
-        region = self.regions[e][span[0] : span[1]] if self.regions is not None else None
+        region = self.regions.clip(e, span[0], frames) if self.regions is not None else None
         lock = RegionLock(region, s.region_feather) if region is not None else None
 
         def read(path: Path) -> tuple[ClipEdit, dict[str, str]]:
@@ -503,8 +586,7 @@ class _Run:
                              compute_dtype=autocast_dtype(s.denoise_dtype), lock=lock,
                              colour_reference=prev[0][0] if s.colour_anchor and prev is not None else None)  # fmt: skip
             if region is not None:
-                source = self.frames[span[0] : span[1]]
-                edit.frames = composite(source, edit.frames, region, s.region_feather)
+                edit.frames = composite(frames, edit.frames, region, s.region_feather)
             return edit
 
         def write(path: Path, edit: ClipEdit, meta: dict[str, str]) -> None:
@@ -518,8 +600,8 @@ class _Run:
         if i == 0 and (edit_kv := self.skip.first_edit(e, edit.clip, edit.result)) is not None:
             self.stored += edit_kv.stored_bytes()
         self.prev[e] = (edit.result.latents[-1:], edit.frames[-1:])
-        self.outputs[e].append(edit.frames)
-        self.masks[e].append(edit.masks)
+        k = s.overlap if i > 0 else 0  # the overlap frames are the previous clip's
+        self.sink(e, span[0] + k, edit.frames[k:], edit.masks[k:], region[k:] if region is not None else None)
 
 
 def _tagged(callback: Progress | None, clip: int, stage: str) -> Progress | None:
@@ -531,20 +613,23 @@ def _tagged(callback: Progress | None, clip: int, stage: str) -> Progress | None
 
 def edit_frames(
     host: SVDHost,
-    frames: torch.Tensor,
+    frames: torch.Tensor | FrameSource,
     fps: float,
     edits: list[torch.Tensor],
     settings: EditSettings = EditSettings(),
     size: tuple[int, int] | None = None,
     resize_mode: ResizeMode = "pad",
+    sink: ClipSink | None = None,
     **kw: Any,
 ) -> EditResult:
     """``edit_video`` for frames of any size: resize/pad to ``size`` (default: fit within 1024) and back.
 
     An edited frame of another size than the video is resized to it, with a logged warning. A region
-    lock (``region``) is given at the video's size, and the output is composited at that size.
+    lock (``region``) is given at the video's size, and the output is composited at that size. ``sink``
+    gets the clips at the video's size (``edit_video``).
     """
-    _, h, w, _ = frames.shape
+    source = as_source(frames)
+    n, h, w = source.count, source.height, source.width
     size = size or fit_size(h, w)
     plan = make_resize_plan(h, w, *size, mode=resize_mode)
     fitted = []
@@ -557,24 +642,33 @@ def edit_frames(
             img = resize_frames(img[..., :3], h, w)
         fitted.append(plan.apply(img[..., :3]))
     region: Region = kw.pop("region", None)
-    if isinstance(region, torch.Tensor):
-        region = check_region(region, frames.shape[0], h, w)
-        fitted_region = plan.apply(region.unsqueeze(-1))[..., 0]
-        fitted_region[:, plan.pad_mask()] = 0.0  # padding stays as it was
-        kw["region"] = fitted_region
-    else:
-        kw["region"] = region
-    result = edit_video(host, plan.apply(frames), fps, fitted, settings, **kw)
-    result.videos = [plan.invert(v) for v in result.videos]
-    result.masks = [plan.invert(m.unsqueeze(-1))[..., 0] for m in result.masks]
-    if result.regions is not None:  # composited again at the source's own size: its pixels, exactly
-        result.regions = [
-            region if isinstance(region, torch.Tensor) else plan.invert(r.unsqueeze(-1))[..., 0].clamp(0, 1)
-            for r in result.regions
-        ]
-        result.videos = [
-            composite(frames, v, r, settings.region_feather) for v, r in zip(result.videos, result.regions)
-        ]
+    mask = check_region(region, n, h, w) if isinstance(region, torch.Tensor) else None
+    if mask is not None:
+        fitted_mask = plan.apply(mask.unsqueeze(-1))[..., 0]
+        fitted_mask[:, plan.pad_mask()] = 0.0  # padding stays as it was
+        region = fitted_mask
+    collected = None
+    if sink is None:
+        sink = collected = _Collected(len(edits))
+    out = sink
+
+    def at_source_size(
+        e: int, start: int, video: torch.Tensor, masks: torch.Tensor, lock: torch.Tensor | None
+    ) -> None:
+        end = start + video.shape[0]
+        video, masks = plan.invert(video), plan.invert(masks.unsqueeze(-1))[..., 0]
+        if lock is not None:  # composited again at the source's own size: its pixels, exactly
+            lock = (
+                region_frames(mask, start, end)
+                if mask is not None
+                else plan.invert(lock.unsqueeze(-1))[..., 0].clamp(0, 1)
+            )
+            video = composite(source.read(start, end), video, lock, settings.region_feather)
+        out(e, start, video, masks, lock)
+
+    result = edit_video(
+        host, ResizedSource(source, plan), fps, fitted, settings, region=region, sink=at_source_size, **kw
+    )
     result.report["source_size"] = [h, w]
     result.report["settings"] = asdict(settings)
-    return result
+    return collected.fill(result) if collected is not None else result
