@@ -687,11 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="print benchmark numbers as one JSON object")
     bench.add_argument(
         "what",
-        choices=["attention", "lora", "plan", "gpu"],
+        choices=["attention", "lora", "plan", "gpu", "memory"],
         help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory; "
         "plan: the whole edit at full size on the meta device (FLOPs, peak memory, predicted time per stage); "
         "gpu: the whole pipeline at full size on random weights (a CUDA GPU; --tiny: the tiny model), time and "
-        "memory per stage",
+        "memory per stage; memory: peak RSS of the edit command for a 4-clip and a 16-clip video (flat memory)",
     )
     bench.add_argument(
         "--reps", type=_int_in(1), default=5, help="timed repetitions per measurement (median)"
@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the benchmarks are developer tools (i2vedit/tools), which registry installs leave out; "
                     "run them from a git checkout of the pack."
                 )
-            from .tools import bench, gpu
+            from .tools import bench, gpu, memory
 
             runs = {
                 "attention": lambda: bench.bench_attention(reps=args.reps),
@@ -749,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gpu": lambda: gpu.bench_gpu(args.tiny, args.device, None, args.chunk, args.clips, args.steps,
                                              args.lora_steps, None, args.dtype, args.train_dtype,
                                              low_memory=args.low_memory),
+                "memory": memory.bench_memory,
             }  # fmt: skip
             result = runs[args.what]()
         elif args.command == "demo":

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import uuid
+from pathlib import Path
 
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ..i2vedit.errors import I2VEditError
-from ..i2vedit.hosts.comfy.video import edit_source, video_to_comfy
-from ..i2vedit.io.frames import fit_size
-from ..i2vedit.io.video import Video
+from ..i2vedit.hosts.comfy.video import VideoFiles, video_source
+from ..i2vedit.io.frames import TensorSource, fit_size
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.controller import PRESETS, MatchConfig
 from ..i2vedit.method.inversion import MEMORY_MODES
@@ -380,6 +381,14 @@ class EditVideo(io.ComfyNode):
                     tooltip="Hold each later clip's colours to the frame it continues from, so long videos "
                     "do not drift clip after clip.",
                 ),
+                io.Boolean.Input(
+                    "image_outputs",
+                    default=True,
+                    optional=True,
+                    tooltip="Also return the edited frames and masks as IMAGE/MASK batches (the whole video "
+                    "in memory). Off for long videos: those outputs hold the first frame only, and the video "
+                    "output (a file, written clip by clip) carries the whole edit.",
+                ),
                 io.Mask.Input(
                     "region_mask",
                     optional=True,
@@ -408,11 +417,13 @@ class EditVideo(io.ComfyNode):
     def execute(cls, model, clip_vision, vae, fps: float, edited_first_frame, clip_length: int, steps: int,
                 preset: str, lora_steps: int, lora_rank: int, memory_mode: str, max_side: int, resize_mode: str,
                 max_cfg: float, seed: int, resume_name: str = "", frames=None, video=None,
-                region_lock: str = "off", colour_anchor: bool = False, region_mask=None) -> io.NodeOutput:  # fmt: skip
-        source = edit_source(frames, fps, video)
+                region_lock: str = "off", colour_anchor: bool = False, image_outputs: bool = True,
+                region_mask=None) -> io.NodeOutput:  # fmt: skip
+        source, rate, audio = video_source(frames, fps, video)
         region = region_choice(region_lock, region_mask)
         host = host_of(model, clip_vision, vae)
-        frames = check_frames(source.frames)
+        if isinstance(source, TensorSource):
+            check_frames(source.frames)
         edits = check_frames(edited_first_frame, "edited_first_frame")
         settings = EditSettings(
             chunk=clip_length, steps=steps, match=None if preset == "off" else MatchConfig.preset(preset),
@@ -423,26 +434,30 @@ class EditVideo(io.ComfyNode):
         if resume_name.strip():
             name = check_lora_name(resume_name, "run name").removesuffix(".safetensors")
             reuse = os.path.join(folder_paths.get_output_directory(), "i2vedit_runs", name)
-        n = frames.shape[0]
+        n = source.count
         clips = len(video_clip_ranges(n, settings))
-        size = fit_size(frames.shape[1], frames.shape[2], max_side)
+        size = fit_size(source.height, source.width, max_side)
         train_res = train_res_inversion_runs(
             clips, lora_steps, size, training_hw(*size, settings), settings.skip_interval
         )
         progress = VideoProgress(clip_step_counts(clips, steps, edits.shape[0], lora_steps, train_res), model)
-        result = edit_frames(host, frames, float(source.fps), [edits[i : i + 1] for i in range(edits.shape[0])], settings,
-                             size=size, resize_mode=resize_mode, reuse_dir=reuse, step_callback=progress.step,
-                             progress=progress.stage, region=region)  # fmt: skip
+        folder = Path(folder_paths.get_temp_directory()) / "i2vedit"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = VideoFiles(
+            folder, f"edit_{uuid.uuid4().hex[:12]}", edits.shape[0], rate, audio, image_outputs
+        )
+        try:
+            result = edit_frames(host, source, float(rate), [edits[i : i + 1] for i in range(edits.shape[0])], settings,
+                                 size=size, resize_mode=resize_mode, reuse_dir=reuse, step_callback=progress.step,
+                                 progress=progress.stage, region=region, sink=files)  # fmt: skip
+        except BaseException:
+            files.discard()
+            raise
         progress.finish()
         seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.report["seconds"].items())
         text = f"{result.report['clips']} clips of {n} frames at {size[1]}×{size[0]}: {seconds}"
-        edited = torch.cat(result.videos)
-        audio = None if source.audio is None else source.audio.repeated(len(result.videos))
-        regions = result.regions or [torch.ones(edited.shape[:3])]
-        return io.NodeOutput(
-            edited, torch.cat(result.masks), float(source.fps), video_to_comfy(Video(edited, source.fps, audio)),
-            torch.cat(regions), ui=ui.PreviewText(text),
-        )  # fmt: skip
+        edited, masks, regions = files.outputs()
+        return io.NodeOutput(edited, masks, float(rate), files.finish(), regions, ui=ui.PreviewText(text))
 
 
 REGION_LOCKS = ("off", "auto", "mask")

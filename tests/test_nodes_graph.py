@@ -432,14 +432,21 @@ def test_all_in_one_node_takes_a_video_and_returns_one_with_the_sources_audio(pa
               memory_mode="recompute", max_side=64, resize_mode="pad", max_cfg=2.0, seed=SEED)  # fmt: skip
     frames, mask, fps, out, _ = run(pack, "I2VEditVideo", video=InputImpl.VideoFromFile(str(path)), **kw)
     assert frames.shape == (3, 36, 64, 3) and mask.shape == (3, 36, 64) and fps == 25.0  # not the fps input
+    assert isinstance(out, InputImpl.VideoFromFile)  # written clip by clip, never held whole
     parts = out.get_components()
-    assert torch.equal(parts.images, frames) and parts.frame_rate == 25
-    assert parts.audio["sample_rate"] == 48000 and parts.audio["waveform"].shape[:2] == (1, 2)  # 5.1 → stereo
+    assert parts.images.shape == frames.shape and parts.frame_rate == 25
+    assert float((parts.images - frames).abs().mean()) < 0.03  # the same frames, through H.264
+    assert parts.audio["sample_rate"] == 48000 and parts.audio["waveform"].shape[1] == 6  # the 5.1 sound kept
     assert abs(parts.audio["waveform"].shape[2] - 3 * 48000 / 25) <= 48000 / 25
     out.save_to(str(tmp_path / "edited.mp4"))  # as SaveVideo does
     with av.open(str(tmp_path / "edited.mp4")) as container:
         assert [s.codec_context.name for s in container.streams] == ["h264", "aac"]
         assert container.streams.video[0].frames == 3
+    first, *_, only_file, regions = run(
+        pack, "I2VEditVideo", video=InputImpl.VideoFromFile(str(path)), image_outputs=False, **kw
+    )
+    assert first.shape == (1, 36, 64, 3) and regions.shape == (1, 36, 64)  # the first frame only
+    assert torch.equal(first, frames[:1]) and only_file.get_components().images.shape[0] == 3
     with pytest.raises(ValueError, match="neither of frames and video are connected; connect exactly one"):
         run(pack, "I2VEditVideo", **kw)
     with pytest.raises(ValueError, match="both of frames and video are connected"):

@@ -312,7 +312,7 @@ def test_region_lock_workflow_feeds_the_automatic_mask_to_the_all_in_one_node() 
     }
     assert expected <= edges(wf), expected - edges(wf)
     (edit,) = nodes_of(wf, "I2VEditVideo")
-    assert edit["widgets_values"][-2:] == list(REGION_WORKFLOW_CHOICES.values())
+    assert edit["widgets_values"][-3:-1] == list(REGION_WORKFLOW_CHOICES.values())
 
 
 def test_reuse_workflow_loads_what_the_every_stage_workflow_saves() -> None:

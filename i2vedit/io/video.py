@@ -36,6 +36,9 @@ log = logging.getLogger("i2vedit")
 _CONVERT_HINT = "convert it to mp4 (H.264), e.g. ffmpeg -i input -c:v libx264 -pix_fmt yuv420p output.mp4"
 MAX_FPS_DENOMINATOR = 1001  # a float frame rate is read as the nearest fraction with at most this denominator
 CRF = 18  # libx264's quality: visually lossless for most content, a few MB per minute at 576×1024
+# frames libx264 plans its rate over; its default 40 holds that many raw frames per video being written,
+# so the memory of a short output grows with its length (tens of MB at 480p), 10 stops that early
+LOOKAHEAD = 10
 
 
 @dataclass(frozen=True)
@@ -497,7 +500,7 @@ class VideoWriter:
             stream = self._container.add_stream("h264", rate=self.rate)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if stream.codec_context.name == "libx264":
-                stream.options = {"crf": str(CRF)}
+                stream.options = {"crf": str(CRF), "rc-lookahead": str(LOOKAHEAD)}
             self._video, self._size = stream, (height, width)
             self._sound = _audio_stream(self._container, self.audio, self.path)
         except BaseException as e:

@@ -1,18 +1,22 @@
-"""ComfyUI's ``VIDEO`` (``comfy_api`` ``VideoInput``) to and from the core's ``Video``: frames, exact rate, audio.
+"""ComfyUI's ``VIDEO`` (``comfy_api`` ``VideoInput``) to and from the core's videos: frames, exact rate, audio.
 
-A video ComfyUI holds as a file (``LoadVideo``) is read by the core's reader, with its memory cap and
-exact frame rate; one made from components (``CreateVideo``) hands over its frames and audio as they are.
+A video ComfyUI holds as a file (``LoadVideo``) is read by the core's reader, clip by clip (``VideoSource``)
+with its exact frame rate; one made from components (``CreateVideo``) hands over its frames and audio as
+they are. An edited video goes back as a file (``VideoFiles``), written clip by clip.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
-from comfy_api.latest import InputImpl, Types
+import torch
+from comfy_api.latest import InputImpl
 
 from ...errors import I2VEditError
-from ...io.video import Audio, Video, as_fraction, read_video_clip
+from ...io.frames import FrameSource, TensorSource
+from ...io.video import Audio, Video, VideoSource, VideoWriter, as_fraction, read_video_clip
 
 
 def video_from_comfy(video: Any) -> Video:
@@ -28,17 +32,6 @@ def video_from_comfy(video: Any) -> Video:
     return Video(parts.images, Fraction(parts.frame_rate), audio)
 
 
-def video_to_comfy(video: Video) -> Any:
-    """A ComfyUI ``VIDEO`` of ``video``; its audio downmixed to stereo, the most ComfyUI's writer takes."""
-    audio = None
-    if video.audio is not None:
-        stereo = video.audio.downmixed(2)
-        audio = {"waveform": stereo.samples.unsqueeze(0), "sample_rate": stereo.sample_rate}
-    return InputImpl.VideoFromComponents(
-        Types.VideoComponents(images=video.frames, frame_rate=video.fps, audio=audio)
-    )
-
-
 def edit_source(frames: Any, fps: float, video: Any) -> Video:
     """The video to edit, from exactly one of an IMAGE batch (at ``fps``) and a ComfyUI ``VIDEO``."""
     if (frames is None) == (video is None):
@@ -50,3 +43,71 @@ def edit_source(frames: Any, fps: float, video: Any) -> Video:
     if video is not None:
         return video_from_comfy(video)
     return Video(frames, as_fraction(fps))
+
+
+def video_source(frames: Any, fps: float, video: Any) -> tuple[FrameSource, Fraction, Audio | None]:
+    """The video to edit as a ``FrameSource`` with its rate and audio, from exactly one of an IMAGE batch
+    (at ``fps``) and a ComfyUI ``VIDEO`` (a file is read clip by clip, never whole)."""
+    if (frames is None) == (video is None):
+        edit_source(frames, fps, video)  # says which
+    if video is not None:
+        stream = video.get_stream_source()
+        if isinstance(stream, str):
+            source = VideoSource(stream)
+            return source, source.fps, source.audio
+        parts = video_from_comfy(video)
+        return TensorSource(parts.frames), parts.fps, parts.audio
+    return TensorSource(frames), as_fraction(fps), None
+
+
+class VideoFiles:
+    """A ``ClipSink`` that writes each edit's video (with the source's audio) to a file clip by clip, and
+    keeps the frames, difference masks and region masks for IMAGE/MASK outputs (all of them, or, with
+    ``keep_frames`` off, each edit's first frame only, so that a long video never sits in memory)."""
+
+    def __init__(
+        self, folder: Path, stem: str, edits: int, fps: Fraction, audio: Audio | None, keep_frames: bool
+    ) -> None:
+        self.folder, self.stem, self.fps, self.audio, self.keep = folder, stem, fps, audio, keep_frames
+        self.writers = [VideoWriter(folder / f"{stem}_{e}.mp4", fps, audio) for e in range(edits)]
+        self.kept: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [
+            [] for _ in range(edits)
+        ]
+
+    def __call__(
+        self, e: int, start: int, frames: torch.Tensor, masks: torch.Tensor, region: torch.Tensor | None
+    ) -> None:
+        self.writers[e].append(frames)
+        if self.keep or start == 0:
+            n = frames.shape[0] if self.keep else 1
+            self.kept[e].append((frames[:n], masks[:n], region[:n] if region is not None else None))
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept frames, difference masks and region masks of every edit, one edit after another."""
+        parts = [p for edit in self.kept for p in edit]
+        frames, masks = torch.cat([f for f, _, _ in parts]), torch.cat([m for _, m, _ in parts])
+        regions = torch.cat([r if r is not None else torch.ones_like(m) for _, m, r in parts])
+        return frames, masks, regions
+
+    def finish(self) -> Any:
+        """Close the files; a ComfyUI ``VIDEO`` of the file (several edits: joined one after another, clip by
+        clip, the audio repeated for each)."""
+        for writer in self.writers:
+            writer.close()
+        if len(self.writers) == 1:
+            return InputImpl.VideoFromFile(str(self.writers[0].path))
+        audio = None if self.audio is None else self.audio.repeated(len(self.writers))
+        joined = self.folder / f"{self.stem}.mp4"
+        with VideoWriter(joined, self.fps, audio) as out:
+            for writer in self.writers:
+                part = VideoSource(writer.path, audio=False)
+                for start in range(0, part.count, JOIN_FRAMES):
+                    out.append(part.read(start, min(part.count, start + JOIN_FRAMES)))
+        return InputImpl.VideoFromFile(str(joined))
+
+    def discard(self) -> None:
+        for writer in self.writers:
+            writer.__exit__(I2VEditError, I2VEditError("the edit stopped"), None)
+
+
+JOIN_FRAMES = 16  # frames decoded at a time when several edits' videos are joined
