@@ -59,8 +59,20 @@ def _edit_latents(reuse, clip: int) -> torch.Tensor:
     return load_file(str(path))["latents"]
 
 
+@pytest.fixture(scope="module", params=["diffusers", "comfyui"])
+def host(request):
+    if request.param == "diffusers":
+        return build_tiny_diffusers_host(seed=0)
+    request.getfixturevalue("comfy")
+    from fixtures.tiny_comfy import build_tiny_comfy_host
+
+    return build_tiny_comfy_host(seed=0, with_vae=True)
+
+
 @pytest.mark.parametrize("anchor", [False, True])
-def test_a_drift_injected_into_the_chained_latent_is_held_to_the_previous_clip(anchor, monkeypatch, tmp_path):
+def test_a_drift_injected_into_the_chained_latent_is_held_to_the_previous_clip(
+    host, anchor, monkeypatch, tmp_path
+):
     real = stages.edit_conditioning
 
     def drifting(host, edited, ids, g, prev=None):
@@ -74,9 +86,7 @@ def test_a_drift_injected_into_the_chained_latent_is_held_to_the_previous_clip(a
     g = torch.Generator().manual_seed(0)
     frames = torch.rand(7, 64, 128, 3, generator=g)
     settings = EditSettings(chunk=4, steps=2, lora_steps=0, colour_anchor=anchor)
-    edit_video(
-        build_tiny_diffusers_host(seed=0), frames, 8.0, [frames[:1].flip(-1)], settings, reuse_dir=tmp_path
-    )
+    edit_video(host, frames, 8.0, [frames[:1].flip(-1)], settings, reuse_dir=tmp_path)
     last_of_first, first_of_second = _edit_latents(tmp_path, 0)[-1], _edit_latents(tmp_path, 1)[0]
     gap = float((_channel_stats(first_of_second) - _channel_stats(last_of_first)).abs().max())
     if anchor:
