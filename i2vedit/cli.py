@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -502,10 +503,50 @@ class _Outputs:
             writer.__exit__(I2VEditError, I2VEditError("the edit stopped"), None)
 
 
+def launch_workers(workers: int, argv: list[str]) -> int:
+    """``edit --workers N``: the same command through torch's launcher (``torchrun``), N processes on this
+    machine; rank 0 denoises the chain, the others prepare clips (``run_edit``)."""
+    rest, skip = [], False
+    for a in argv:  # the command without --workers
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+           "-m", "i2vedit", *rest]  # fmt: skip
+    return subprocess.run(cmd, check=False).returncode
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of a process started by torch's launcher (``torchrun``); (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_same_run(identity: dict[str, Any]) -> None:
+    """Refuse, before any compute, ranks of one launch that were given different settings, models or videos
+    (gloo all-gather of each rank's identity; rank 0's is the reference)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    everyone: list[dict[str, Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, identity)
+    for rank, other in enumerate(everyone):
+        if other != everyone[0]:
+            assert other is not None and everyone[0] is not None
+            differ = sorted(k for k in {*other, *everyone[0]} if other.get(k) != everyone[0].get(k))
+            raise I2VEditError(
+                f"rank {rank} was started with another {', '.join(differ)} than rank 0; start every worker of one "
+                "run with the same command."
+            )
+
+
 def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     from .io.frames import fit_size
     from .io.video import VideoSource
-    from .run.pipeline import EditSettings, edit_frames
+    from .run.pipeline import EditSettings, edit_frames, prepare_clips
 
     out_dir = writable_folder(args.out)
     _check_input_file(args.video, "video", "a video file (mp4, mov, ...)")
@@ -536,6 +577,13 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     if args.low_memory:
         host.low_memory()
     reuse = _reuse_dir(args)
+    rank, world = distributed_rank()
+    if world > 1:
+        check_same_run({"settings": settings.identity(), "edit": settings.edit_identity(), "model": host.fingerprint(),
+                        "video": [str(Path(args.video).resolve()), n, h, w, str(source.fps)], "size": list(size),
+                        "reuse": str(reuse.resolve())})  # fmt: skip
+    if rank > 0:  # a worker: prepares clips into the shared reuse folder; rank 0 writes the video
+        return {"rank": rank, **prepare_clips(host, source, float(source.fps), settings, reuse, size=size)}
     outputs = _Outputs(out_dir, names, source.fps, source.audio, n)
     try:
         result = edit_frames(host, source, float(source.fps), edits, settings, size=size, reuse_dir=reuse, region=region,
@@ -672,6 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hold each later clip's colours to the frame it continues from (long videos)",
     )
+    edit.add_argument("--workers", type=_int_in(1, 1024), default=1, metavar="N",
+                      help="prepare clips (inversion, motion LoRA) in N processes through torchrun while one "
+                      "denoises the chain (same result); or start the command under torchrun yourself, e.g. "
+                      "across machines sharing --reuse")  # fmt: skip
     edit.add_argument("--max-vram", type=_float_in(0.001, 10_000), metavar="GB",
                       help="refuse, before loading the model, a run whose planned GPU memory (weights and the "
                       "largest call of each stage, on the meta device) is over GB (10^9 bytes) in some stage")  # fmt: skip
@@ -754,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
             result = runs[args.what]()
         elif args.command == "demo":
             result = run_demo(args.out, progress=not args.quiet, video=args.video)
+        elif args.workers > 1 and "RANK" not in os.environ:
+            return launch_workers(args.workers, sys.argv[1:] if argv is None else argv)
         else:
             result = run_edit(args)
     except I2VEditError as e:

@@ -94,14 +94,11 @@ def tiny_host():
 
 
 @pytest.fixture(scope="module")
-def svd_folder(tmp_path_factory, tiny_host):
+def svd_folder(tmp_path_factory):
     """A diffusers SVD folder (unet/, vae/, image_encoder/) of the tiny random-weight SVD, as the Hub lays it out."""
-    root = tmp_path_factory.mktemp("svd")
-    host = tiny_host
-    host.unet.save_pretrained(root / "unet", safe_serialization=True)
-    host.vae.save_pretrained(root / "vae", safe_serialization=True)
-    host.image_encoder.save_pretrained(root / "image_encoder", safe_serialization=True)
-    return root
+    from i2vedit.hosts.diffusers.tiny import write_tiny_svd_folder
+
+    return write_tiny_svd_folder(tmp_path_factory.mktemp("svd"))
 
 
 @pytest.fixture

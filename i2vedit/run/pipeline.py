@@ -79,6 +79,7 @@ EDIT_FORMAT = "i2vedit.edit/1"
 LORA_CHECKPOINTS = "lora_checkpoints"
 INVERSION_FILE = "inversion.safetensors"
 LORA_FILE = "lora.safetensors"
+POLL_SECONDS = 1.0  # how often a process waiting for a clip another one prepares looks again
 MAX_STEPS = 1000
 MAX_LORA_STEPS = 100_000
 MAX_CHUNK = 64
@@ -286,9 +287,7 @@ def _check_inputs(source: FrameSource, fps: float, edits: list[torch.Tensor]) ->
         source.frames
     ):  # a file's frames are always finite
         raise I2VEditError("the video frames hold NaN or inf values; give frames in [0, 1].")
-    if not edits:
-        raise I2VEditError("give at least one edited first frame.")
-    for e, img in enumerate(edits):
+    for e, img in enumerate(edits):  # none for a worker that only prepares clips
         if tuple(img.shape) != (1, height, width, 3):
             raise I2VEditError(
                 f"edited frame {e} is {tuple(img.shape)}, the video is (1, {height}, {width}, 3); use edit_frames, "
@@ -376,39 +375,63 @@ def edit_video(
     """
     settings = settings.validate()
     source = as_source(frames)
+    if not edits:
+        raise I2VEditError("give at least one edited first frame.")
     n, height, width = _check_inputs(source, fps, edits)
     regions = Regions.make(source, edits, region)
-    ranges = video_clip_ranges(n, settings)
-    if ranges[0][1] - ranges[0][0] < 2:
-        raise I2VEditError("the video has a single frame; SVD needs at least 2 frames.")
-    train_hw = training_hw(height, width, settings)
-    check_size(*train_hw)
-    check_device(host.device, settings.denoise_dtype, "denoising dtype")
-    check_device(host.device, settings.train_dtype, "LoRA training dtype")
-    fingerprint = host.fingerprint()
-    folder = None
-    if reuse_dir is not None:
-        identity = {
-            "format": FORMAT, "video": _digest(source, settings.chunk), "model": fingerprint, "settings": settings.identity(),
-            "frames": n, "size": [height, width],
-        }  # fmt: skip
-        folder = ReuseFolder(reuse_dir, identity)
     collected = None
     if sink is None:
         sink = collected = _Collected(len(edits))
-    run = _Run(host, fingerprint, source, fps, edits, settings, ReuseStore(folder), train_hw, ranges,
-               progress, should_stop, step_callback, regions, sink)  # fmt: skip
+    run = _Run.start(host, source, fps, edits, settings, reuse_dir, progress, should_stop, step_callback, regions,
+                     sink)  # fmt: skip
+    folder = run.store.folder
     with folder if folder is not None else nullcontext():
-        for i in range(len(ranges)):
+        for i in range(len(run.ranges)):
             run.clip(i)
     report = {
-        "frames": n, "clips": len(ranges), "clip_ranges": ranges, "edits": len(edits), "size": [height, width],
-        "train_size": list(train_hw), "seconds": run.timer.seconds, "calls": run.timer.counts,
-        "stored_bytes": run.stored, "edit_keys": run.keys, "warnings": run.store.warnings,
+        "frames": n, "clips": len(run.ranges), "clip_ranges": run.ranges, "edits": len(edits),
+        "size": [height, width], "train_size": list(run.train_hw), "seconds": run.timer.seconds,
+        "calls": run.timer.counts, "stored_bytes": run.stored, "edit_keys": run.keys, "warnings": run.store.warnings,
         "dtypes": {"denoise": settings.denoise_dtype, "train": settings.train_dtype},
+        "prepared_here": run.prepared_here,
     }  # fmt: skip
     result = EditResult([], [], report)
     return collected.fill(result) if collected is not None else result
+
+
+def prepare_clips(
+    host: SVDHost,
+    frames: torch.Tensor | FrameSource,
+    fps: float,
+    settings: EditSettings,
+    reuse_dir: str | Path,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    step_callback: Progress | None = None,
+    size: tuple[int, int] | None = None,
+    resize_mode: ResizeMode = "pad",
+) -> dict[str, Any]:
+    """A worker of a clip-parallel run: inversions and motion LoRAs of the clips nobody else has, into the
+    shared ``reuse_dir``, claimed one at a time (clip 0 first: the others need its inversion), until every
+    clip is done or taken. Another process (``edit_video`` on the same folder) denoises the chain as the
+    clips are ready. ``frames`` at any size with ``size``/``resize_mode`` as ``edit_frames`` takes them.
+    """
+    settings = settings.validate()
+    source = as_source(frames)
+    plan = make_resize_plan(source.height, source.width, *(size or fit_size(source.height, source.width)),
+                            mode=resize_mode)  # fmt: skip
+    fitted = ResizedSource(source, plan)
+    _check_inputs(fitted, fps, [])
+    run = _Run.start(host, fitted, fps, [], settings, reuse_dir, progress, should_stop, step_callback, None,
+                     lambda *a: None, worker=True)  # fmt: skip
+    for i in range(len(run.ranges)):
+        if run.should_stop is not None and run.should_stop():
+            raise I2VEditError(
+                f"interrupted before clip {i + 1}; the clips prepared so far are in {reuse_dir}."
+            )
+        run.prepare_if_free(i)
+    return {"clips": len(run.ranges), "prepared_here": run.prepared_here, "seconds": run.timer.seconds,
+            "warnings": run.store.warnings}  # fmt: skip
 
 
 class _Run:
@@ -434,33 +457,123 @@ class _Run:
         self.prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(edits)
         self.perturbed0: torch.Tensor | None = None
         self.stored = 0
+        self.prepared_here: list[int] = []  # clips whose inversion or LoRA this process computed
+
+    @classmethod
+    def start(cls, host: SVDHost, source: FrameSource, fps: float, edits: list[torch.Tensor], settings: EditSettings,
+              reuse_dir: str | Path | None, progress: Progress | None, should_stop: Callable[[], bool] | None,
+              step_callback: Progress | None, regions: Regions | None, sink: ClipSink, worker: bool = False) -> _Run:  # fmt: skip
+        """Check what the run needs before any compute and open its reuse folder (``worker``: shared)."""
+        n, height, width = source.count, source.height, source.width
+        ranges = video_clip_ranges(n, settings)
+        if ranges[0][1] - ranges[0][0] < 2:
+            raise I2VEditError("the video has a single frame; SVD needs at least 2 frames.")
+        train_hw = training_hw(height, width, settings)
+        check_size(*train_hw)
+        check_device(host.device, settings.denoise_dtype, "denoising dtype")
+        check_device(host.device, settings.train_dtype, "LoRA training dtype")
+        fingerprint = host.fingerprint()
+        folder = None
+        if reuse_dir is not None:
+            identity = {
+                "format": FORMAT, "video": _digest(source, settings.chunk), "model": fingerprint,
+                "settings": settings.identity(), "frames": n, "size": [height, width],
+            }  # fmt: skip
+            folder = ReuseFolder(reuse_dir, identity, worker=worker)
+        return cls(host, fingerprint, source, fps, edits, settings, ReuseStore(folder), train_hw, ranges, progress,
+                   should_stop, step_callback, regions, sink)  # fmt: skip
 
     def _region_identity(self, e: int) -> dict[str, Any]:
         if self.regions is None:
             return {}
         return {**self.regions.identity(e), "region_feather": self.settings.region_feather}
 
-    def clip(self, i: int) -> None:
-        """SARP → inversion (base model) → motion LoRA → each edit's matched denoising, chained."""
-        s, span = self.settings, self.ranges[i]
+    def _stop_check(self, what: str) -> None:
         if self.should_stop is not None and self.should_stop():
-            raise I2VEditError(
-                f"interrupted before clip {i + 1} of {len(self.ranges)}; finished clips are in the reuse folder."
-            )
+            raise I2VEditError(f"interrupted {what}; finished clips are in the reuse folder.")
+
+    def _sarp(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip ``i``'s frames and their SARP-perturbed copy."""
+        s, span = self.settings, self.ranges[i]
         with self.timer("sarp", i):
             frames = self.source.read(*span)
             if nonfinite_frames(frames):
                 raise I2VEditError(f"frames {span[0]}..{span[1] - 1} of the video hold NaN or inf values.")
-            perturbed, _ = sarp(frames, derived_seed(s.seed, i, Purpose.SARP),
-                                s.sarp_noise, s.sarp_threshold)  # fmt: skip
+            perturbed, _ = sarp(frames, derived_seed(s.seed, i, Purpose.SARP), s.sarp_noise, s.sarp_threshold)
         if i == 0:
             self.perturbed0 = perturbed
+        return frames, perturbed
+
+    def _ready(self, i: int) -> bool:
+        """Whether clip ``i``'s inversion (and LoRA) lie in the reuse folder."""
+        folder = self.store.folder
+        return (
+            folder is not None
+            and folder.has(i, INVERSION_FILE)
+            and (self.settings.lora_steps == 0 or folder.has(i, LORA_FILE))
+        )
+
+    def _prepare(self, i: int, perturbed: torch.Tensor) -> tuple[Inversion, SVDHost]:
+        """Clip ``i``'s inversion and motion-LoRA model: stored or computed (and stored)."""
+        span, ready = self.ranges[i], self._ready(i)
         inv = self._inversion(i, span, perturbed)
         lora_host = (
-            self.host.with_lora(self._lora(i, span, perturbed, inv)) if s.lora_steps > 0 else self.host
+            self.host.with_lora(self._lora(i, span, perturbed, inv))
+            if self.settings.lora_steps > 0
+            else self.host
         )
+        if not ready:
+            self.prepared_here.append(i)
+        return inv, lora_host
+
+    def prepare_if_free(self, i: int) -> bool:
+        """Prepare clip ``i`` (inversion, LoRA) if it is neither in the folder nor claimed by another process."""
+        folder = self.store.folder
+        if folder is None or self._ready(i) or not folder.claim(i):
+            return False
+        try:
+            if i > 0:
+                self._first_inversion()
+            self._prepare(i, self._sarp(i)[1])
+        finally:
+            folder.release_claim(i)
+        return True
+
+    def _first_inversion(self) -> None:
+        """Clip 0's inversion (the skip-interval K/V's source) from the folder, once clip 0 is ready."""
+        folder = self.store.folder
+        if self.perturbed0 is not None or folder is None:
+            return
+        while not folder.has(0, INVERSION_FILE):
+            if not self.prepare_if_free(0):
+                self._stop_check("while waiting for clip 1's inversion")
+                time.sleep(POLL_SECONDS)
+        if self.perturbed0 is None:  # prepare_if_free(0) set it, or another process made clip 0
+            self._inversion(0, self.ranges[0], self._sarp(0)[1])
+
+    def clip(self, i: int) -> None:
+        """SARP → inversion (base model) → motion LoRA → each edit's matched denoising, chained.
+
+        With a reuse folder, a clip another process is preparing is waited for (preparing later free
+        clips meanwhile), and this process claims the clip it prepares itself.
+        """
+        self._stop_check(f"before clip {i + 1} of {len(self.ranges)}")
+        folder, holding = self.store.folder, False
+        while folder is not None and not self._ready(i):
+            if folder.claim(i):
+                holding = True
+                break
+            if not any(self.prepare_if_free(j) for j in range(i + 1, len(self.ranges))):
+                self._stop_check(f"while waiting for clip {i + 1}, which another process prepares")
+                time.sleep(POLL_SECONDS)
+        try:
+            frames, perturbed = self._sarp(i)
+            inv, lora_host = self._prepare(i, perturbed)
+        finally:
+            if holding and folder is not None:
+                folder.release_claim(i)
         for e in range(len(self.edits)):
-            self._edit(i, span, e, inv, lora_host, frames)
+            self._edit(i, self.ranges[i], e, inv, lora_host, frames)
 
     def _inversion(self, i: int, span: Span, perturbed: torch.Tensor) -> Inversion:
         s = self.settings
@@ -512,7 +625,7 @@ class _Run:
                              seed=train_seed(s.seed, i))  # fmt: skip
         with self.timer("lora", i):
             result = train_clip_lora(self.host, latents, first_raw, clip_embed, config, i, skip_kv,
-                                     should_stop=self.should_stop, callback=_tagged(self.step_callback, i, "lora"),
+                                     should_stop=self.should_stop, callback=self._beating(i, _tagged(self.step_callback, i, "lora")),
                                      checkpoint_dir=checkpoints, resume_from=resume,
                                      autocast_dtype=autocast_dtype(s.train_dtype),
                                      gradient_checkpointing=s.gradient_checkpointing)  # fmt: skip
@@ -523,6 +636,19 @@ class _Run:
                 + "."
             )
         return result.weights
+
+    def _beating(self, i: int, callback: Progress | None) -> Progress | None:
+        """``callback``, and each step also touches this process's claim of clip ``i`` (``heartbeat``)."""
+        folder = self.store.folder
+        if folder is None:
+            return callback
+
+        def beat(info: dict[str, Any]) -> None:
+            folder.heartbeat(i)
+            if callback is not None:
+                callback(info)
+
+        return beat
 
     def _first_clip_at_train_res(self) -> Inversion:
         """The first clip inverted again at training resolution, for later clips' training K/V."""

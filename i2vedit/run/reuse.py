@@ -9,6 +9,7 @@ at a time: a lock file keeps a second run out. ``ReuseStore.get`` is the one loa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +31,11 @@ T = TypeVar("T")
 Span = tuple[int, int]
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+CLAIM = ".claim"
+# a claim on another machine counts as abandoned when its file has not been touched for this long (the
+# worker holding it touches it at least every CLAIM_HEARTBEAT seconds while it works)
+CLAIM_STALE_SECONDS = 600.0
+CLAIM_HEARTBEAT = 30.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -51,13 +57,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ReuseFolder:
-    """A locked reuse folder with its manifest (see the module docstring)."""
+    """A locked reuse folder with its manifest (see the module docstring).
 
-    def __init__(self, path: str | Path, identity: dict[str, Any]) -> None:
+    ``worker=True`` joins a folder other processes use too (clip-parallel preparation): no folder lock,
+    the manifest must match (it is written by whoever came first), and clips are claimed one by one
+    (``claim``), so that no two processes compute the same clip.
+    """
+
+    def __init__(self, path: str | Path, identity: dict[str, Any], worker: bool = False) -> None:
         self.path = writable_folder(path, "reuse folder")
         self.identity = identity
         self.warnings: list[str] = []
-        self._lock: Path | None = self._acquire()
+        self._lock: Path | None = None if worker else self._acquire()
+        self._beats: dict[int, float] = {}
         try:
             self._check_manifest()
         except BaseException:
@@ -128,6 +140,52 @@ class ReuseFolder:
                     f"the reuse folder {self.path} belongs to another {key} ({old.get(key)!r}, this run has "
                     f"{self.identity.get(key)!r}); its inversions and LoRAs cannot be reused. Choose another folder."
                 )
+
+    def claim(self, i: int) -> bool:
+        """Take clip ``i`` for this process; False while another live process holds it. A claim whose
+        process has ended (this machine) or that has not been touched for ``CLAIM_STALE_SECONDS`` (another
+        machine) is taken over, with a warning."""
+        path = self.clip_dir(i) / CLAIM
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._lock_holder(path) or {}
+                if holder.get("host") == socket.gethostname() and int(holder.get("pid", -1)) == os.getpid():
+                    return True
+                if not self._abandoned(path, holder):
+                    return False
+                self.warn(f"clip {i} was claimed by process {holder.get('pid')} on {holder.get('host')}, which "
+                          "stopped; taking it over.")  # fmt: skip
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)  # fmt: skip
+            self._beats[i] = time.monotonic()
+            return True
+        return False
+
+    @staticmethod
+    def _abandoned(path: Path, holder: Mapping[str, Any]) -> bool:
+        if holder.get("host") == socket.gethostname():
+            pid = int(holder.get("pid", -1))
+            return pid <= 0 or not _pid_alive(pid)
+        try:
+            return time.time() - path.stat().st_mtime > CLAIM_STALE_SECONDS
+        except OSError:
+            return True
+
+    def heartbeat(self, i: int) -> None:
+        """Touch this process's claim of clip ``i`` (at most every ``CLAIM_HEARTBEAT`` seconds)."""
+        now = time.monotonic()
+        if now - self._beats.get(i, 0.0) >= CLAIM_HEARTBEAT:
+            self._beats[i] = now
+            with contextlib.suppress(OSError):
+                os.utime(self.file(i, CLAIM))
+
+    def release_claim(self, i: int) -> None:
+        self.file(i, CLAIM).unlink(missing_ok=True)
+        self._beats.pop(i, None)
 
     def warn(self, message: str) -> None:
         log.warning("%s", message)

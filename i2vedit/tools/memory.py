@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..hosts.diffusers.tiny import build_tiny_diffusers_host
+from ..hosts.diffusers.tiny import write_tiny_svd_folder
 from ..io.synthetic import moving_square
 from ..io.video import VideoWriter
 
@@ -39,13 +39,6 @@ EDIT_ARGS = [
     "1",
     "--no-matching",
 ]
-
-
-def _write_model(folder: Path) -> None:
-    host = build_tiny_diffusers_host(seed=0)
-    host.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    host.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    host.image_encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
 
 
 def _write_video(path: Path, frames: int) -> None:
@@ -76,7 +69,7 @@ def bench_memory(short_clips: int = 4, long_clips: int = 16) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="i2vedit-bench-memory-") as tmp:
         root = Path(tmp)
         model = root / "svd"
-        _write_model(model)
+        write_tiny_svd_folder(model)
         first, _ = moving_square(1, SOURCE_SIZE)
         edited = first[0].clone()
         edited[..., 0] = 1 - edited[..., 0]  # a visible edit

@@ -7,6 +7,7 @@ Same layout as the real SVD (4 levels, 2 res blocks, 16 transformer positions, t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,3 +93,13 @@ def build_tiny_diffusers_host(seed: int = 0, dtype: torch.dtype = torch.float32)
     if dtype != torch.float32:
         unet = unet.to(dtype)
     return DiffusersSVDHost(unet, vae, clip, dtype=dtype)
+
+
+def write_tiny_svd_folder(folder: Path, seed: int = 0) -> Path:
+    """The tiny random SVD as a diffusers folder (unet/, vae/, image_encoder/, as the Hub lays SVD out), for
+    tools and tests that run the command line on it."""
+    host = build_tiny_diffusers_host(seed=seed)
+    host.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    host.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    host.image_encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    return folder
