@@ -739,11 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="print benchmark numbers as one JSON object")
     bench.add_argument(
         "what",
-        choices=["attention", "lora", "plan", "gpu", "memory"],
+        choices=["attention", "lora", "plan", "gpu", "memory", "scale"],
         help="attention: memory and time of attention matching; lora: motion LoRA training step time and memory; "
         "plan: the whole edit at full size on the meta device (FLOPs, peak memory, predicted time per stage); "
         "gpu: the whole pipeline at full size on random weights (a CUDA GPU; --tiny: the tiny model), time and "
-        "memory per stage; memory: peak RSS of the edit command for a 4-clip and a 16-clip video (flat memory)",
+        "memory per stage; memory: peak RSS of the edit command for a 4-clip and a 16-clip video (flat memory); "
+        "scale: clip-parallel preparation with 1 and 2 processes, and a model of 8 and 64 GPUs on a 60 s video",
     )
     bench.add_argument(
         "--reps", type=_int_in(1), default=5, help="timed repetitions per measurement (median)"
@@ -792,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the benchmarks are developer tools (i2vedit/tools), which registry installs leave out; "
                     "run them from a git checkout of the pack."
                 )
-            from .tools import bench, gpu, memory
+            from .tools import bench, gpu, memory, scale
 
             runs = {
                 "attention": lambda: bench.bench_attention(reps=args.reps),
@@ -802,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
                                              args.lora_steps, None, args.dtype, args.train_dtype,
                                              low_memory=args.low_memory),
                 "memory": memory.bench_memory,
+                "scale": scale.bench_scale,
             }  # fmt: skip
             result = runs[args.what]()
         elif args.command == "demo":

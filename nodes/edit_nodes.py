@@ -9,7 +9,7 @@ from pathlib import Path
 
 import folder_paths
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import InputImpl, Types, io, ui
 
 from ..i2vedit.errors import I2VEditError
 from ..i2vedit.hosts.comfy.video import VideoFiles, video_source
@@ -24,6 +24,7 @@ from ..i2vedit.run.pipeline import (
     MAX_STEPS,
     EditSettings,
     edit_frames,
+    prepare_clips,
     training_hw,
     video_clip_ranges,
 )
@@ -389,6 +390,14 @@ class EditVideo(io.ComfyNode):
                     "in memory). Off for long videos: those outputs hold the first frame only, and the video "
                     "output (a file, written clip by clip) carries the whole edit.",
                 ),
+                io.Boolean.Input(
+                    "prepare_only",
+                    default=False,
+                    optional=True,
+                    tooltip="Only prepare clips (inversion, motion LoRA) into the run folder of resume_name, each "
+                    "instance claiming the next free clip, so several ComfyUI instances (or GPUs) share the "
+                    "work; then run this node with it off to denoise, using every prepared clip.",
+                ),
                 io.Mask.Input(
                     "region_mask",
                     optional=True,
@@ -418,7 +427,7 @@ class EditVideo(io.ComfyNode):
                 preset: str, lora_steps: int, lora_rank: int, memory_mode: str, max_side: int, resize_mode: str,
                 max_cfg: float, seed: int, resume_name: str = "", frames=None, video=None,
                 region_lock: str = "off", colour_anchor: bool = False, image_outputs: bool = True,
-                region_mask=None) -> io.NodeOutput:  # fmt: skip
+                prepare_only: bool = False, region_mask=None) -> io.NodeOutput:  # fmt: skip
         source, rate, audio = video_source(frames, fps, video)
         region = region_choice(region_lock, region_mask)
         host = host_of(model, clip_vision, vae)
@@ -441,6 +450,8 @@ class EditVideo(io.ComfyNode):
             clips, lora_steps, size, training_hw(*size, settings), settings.skip_interval
         )
         progress = VideoProgress(clip_step_counts(clips, steps, edits.shape[0], lora_steps, train_res), model)
+        if prepare_only:
+            return cls._prepare_only(host, source, rate, settings, reuse, size, resize_mode, progress, video)
         folder = Path(folder_paths.get_temp_directory()) / "i2vedit"
         folder.mkdir(parents=True, exist_ok=True)
         files = VideoFiles(
@@ -458,6 +469,24 @@ class EditVideo(io.ComfyNode):
         text = f"{result.report['clips']} clips of {n} frames at {size[1]}×{size[0]}: {seconds}"
         edited, masks, regions = files.outputs()
         return io.NodeOutput(edited, masks, float(rate), files.finish(), regions, ui=ui.PreviewText(text))
+
+    @classmethod
+    def _prepare_only(cls, host, source, rate, settings, reuse, size, resize_mode, progress, video) -> io.NodeOutput:  # fmt: skip
+        if reuse is None:
+            raise I2VEditError(
+                "prepare_only needs a run folder to prepare the clips into: set resume_name (the same name on every "
+                "instance, and on the run that denoises)."
+            )
+        done = prepare_clips(host, source, float(rate), settings, reuse, step_callback=progress.step,
+                             progress=progress.stage, size=size, resize_mode=resize_mode)  # fmt: skip
+        progress.finish()
+        first = source.read(0, 1)
+        text = f"prepared clips {done['prepared_here']} of {done['clips']} into {reuse}"
+        out = (
+            video if video is not None else InputImpl.VideoFromComponents(Types.VideoComponents(first, rate))
+        )
+        return io.NodeOutput(first, torch.zeros(first.shape[:3]), float(rate), out, torch.ones(first.shape[:3]),
+                             ui=ui.PreviewText(text))  # fmt: skip
 
 
 REGION_LOCKS = ("off", "auto", "mask")

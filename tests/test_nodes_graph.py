@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -480,3 +481,39 @@ def test_auto_region_mask_node_follows_the_square_and_the_all_in_one_node_locks_
         run(pack, "I2VEditVideo", region_lock="mask", **kw)
     with pytest.raises(ValueError, match="region_lock is 'off'"):
         run(pack, "I2VEditVideo", region_mask=region, **kw)
+
+
+def test_prepare_only_fills_the_run_folder_and_the_denoising_run_uses_it(pack, tiny, video):
+    """A 'prepare clips' instance (prepare_only) then the denoising run on the same resume_name: the same video
+    as one run that does everything, nothing prepared twice."""
+    import shutil
+    import uuid
+
+    import folder_paths
+
+    frames, edited = video
+    kw = dict(model=tiny.patcher, clip_vision=tiny.clip_vision, vae=tiny.vae, frames=frames[:5], fps=FPS,
+              edited_first_frame=edited, clip_length=3, steps=2, preset="local", lora_steps=1, lora_rank=RANK,
+              memory_mode="recompute", max_side=64, resize_mode="pad", max_cfg=2.0, seed=SEED)  # fmt: skip
+    names = [f"prep_{uuid.uuid4().hex[:8]}", f"whole_{uuid.uuid4().hex[:8]}"]
+    try:
+        node = next(n for n in pack.NODES if n.define_schema().node_id == "I2VEditVideo")
+        prepared = node.execute(**kw, resume_name=names[0], prepare_only=True)
+        assert prepared.ui.value.startswith("prepared clips [0, 1] of 2")
+        assert prepared.result[0].shape == (1, 64, 64, 3)
+        run = Path(folder_paths.get_output_directory()) / "i2vedit_runs" / names[0]
+        stamps = {p: p.stat().st_mtime_ns for p in run.glob("clip_*/*.safetensors")}
+        assert len(stamps) == 4  # two clips' inversions and LoRAs
+        denoised = node.execute(**kw, resume_name=names[0])
+        whole = node.execute(**kw, resume_name=names[1])
+        # on ComfyUI's host an inversion read back from the folder denoises within float rounding (≤ 1e-6) of
+        # the one still in memory (the LoRAs are equal bit for bit); the diffusers host is exact (test_parallel)
+        assert torch.allclose(denoised.result[0], whole.result[0], atol=1e-5, rtol=0)
+        assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # read, not made again
+        with pytest.raises(ValueError, match="prepare_only needs a run folder"):
+            node.execute(**kw, prepare_only=True)
+    finally:
+        for name in names:
+            shutil.rmtree(
+                Path(folder_paths.get_output_directory()) / "i2vedit_runs" / name, ignore_errors=True
+            )

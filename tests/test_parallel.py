@@ -112,3 +112,46 @@ def test_a_worker_killed_mid_clip_leaves_it_to_a_restart_with_any_number_of_work
     _run(_cmd(inputs, out))  # one process now: it takes over the dead worker's claim
     _same_run(single, out)
     assert not list(reuse.glob(f"clip_*/{CLAIM}"))
+
+
+def test_a_worker_with_other_settings_is_refused_naming_them_and_claims_are_exclusive(tmp_path):
+    identity = {"format": "f", "video": "v", "model": "m", "settings": {"lora_steps": 250, "chunk": 14}}
+    with ReuseFolder(tmp_path, identity) as folder:
+        other = {**identity, "settings": {"lora_steps": 100, "chunk": 14}}
+        with pytest.raises(
+            ValueError, match=r"another settings \(\{'lora_steps': 250\}, this run has \{'lora_steps': 100\}"
+        ):
+            ReuseFolder(tmp_path, other, worker=True)
+        worker = ReuseFolder(tmp_path, identity, worker=True)  # joins: no folder lock of its own
+        assert folder.claim(1) and folder.claim(1)  # a process's own claim is its own
+        holder = ReuseFolder._lock_holder(tmp_path / "clip_001" / CLAIM)
+        assert holder is not None and holder["pid"] == os.getpid()
+        folder.release_claim(1)
+        assert worker.claim(1)
+        folder.release_claim(1)
+
+
+def test_a_claim_left_by_a_process_that_ended_is_taken_over_with_a_warning(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (tmp_path / "clip_002").mkdir()
+    import socket
+
+    (tmp_path / "clip_002" / CLAIM).write_text(
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()})
+    )
+    folder = ReuseFolder(tmp_path, {"format": "f"}, worker=True)
+    assert folder.claim(2) and "which stopped; taking it over" in folder.warnings[0]
+
+
+def test_the_scale_model_schedules_one_gpu_serially_and_many_gpus_as_the_chain_allows():
+    from i2vedit.tools.scale import simulate
+
+    prepare, edit, first = 100.0, 20.0, 5.0
+    assert simulate(33, 1, prepare, edit, first) == 33 * (prepare + edit) + first
+    # 64 GPUs: every later clip is prepared at once after clip 0 (and each worker's clip 0 at training size);
+    # rank 0 edits clip 0, waits for clip 1, then only the chain of edits remains
+    assert simulate(33, 64, prepare, edit, first) == prepare + first + prepare + 32 * edit
+    two = simulate(33, 2, prepare, edit, first)
+    assert simulate(33, 8, prepare, edit, first) < two < simulate(33, 1, prepare, edit, first)

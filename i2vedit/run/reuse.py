@@ -135,10 +135,16 @@ class ReuseFolder:
         except (OSError, ValueError) as e:
             raise I2VEditError(f"{manifest} is unreadable ({e}); delete the folder or choose another.") from e
         for key in ("format", "video", "model", "settings"):
-            if old.get(key) != self.identity.get(key):
+            theirs, ours = old.get(key), self.identity.get(key)
+            if theirs != ours:
+                if isinstance(theirs, dict) and isinstance(ours, dict):  # name the settings that differ
+                    names = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
+                    theirs = {k: theirs.get(k) for k in names}
+                    ours = {k: ours.get(k) for k in names}
                 raise I2VEditError(
-                    f"the reuse folder {self.path} belongs to another {key} ({old.get(key)!r}, this run has "
-                    f"{self.identity.get(key)!r}); its inversions and LoRAs cannot be reused. Choose another folder."
+                    f"the reuse folder {self.path} belongs to another {key} ({theirs!r}, this run has "
+                    f"{ours!r}); its inversions and LoRAs cannot be reused. Choose another folder, or start "
+                    "every worker of one run with the same command."
                 )
 
     def claim(self, i: int) -> bool:

@@ -197,7 +197,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cond_tensors(prefix: str, cond: SVDCond) -> dict[str, torch.Tensor]:
-    ids = torch.tensor(cond.time_ids.as_list())
+    ids = torch.tensor(cond.time_ids.as_list(), dtype=torch.float64)  # read back as the same Python floats
     return {f"{prefix}.clip": cond.clip_embed, f"{prefix}.latent": cond.concat_latent, f"{prefix}.ids": ids}
 
 
