@@ -13,7 +13,7 @@ from comfy_api.latest import InputImpl, Types, io, ui
 
 from ..i2vedit.errors import I2VEditError
 from ..i2vedit.hosts.comfy.video import VideoFiles, video_source
-from ..i2vedit.io.frames import TensorSource, fit_size
+from ..i2vedit.io.frames import fit_size
 from ..i2vedit.lora.file import check_lora_name
 from ..i2vedit.method.controller import PRESETS, MatchConfig
 from ..i2vedit.method.inversion import MEMORY_MODES
@@ -283,6 +283,7 @@ class EditVideo(io.ComfyNode):
             node_id="I2VEditVideo",
             display_name="I2VEdit Video (all-in-one)",
             category=CATEGORY,
+            is_output_node=True,  # its run report shows on the node; prepare_only runs need no other output
             description="Propagates an edited first frame through a whole video: fits the size, cuts clips, and "
             "for each clip perturbs flat areas, inverts, trains a motion LoRA and denoises with attention "
             "matching, continuing from the previous clip and attending to the first; then stitches and "
@@ -428,11 +429,11 @@ class EditVideo(io.ComfyNode):
                 max_cfg: float, seed: int, resume_name: str = "", frames=None, video=None,
                 region_lock: str = "off", colour_anchor: bool = False, image_outputs: bool = True,
                 prepare_only: bool = False, region_mask=None) -> io.NodeOutput:  # fmt: skip
+        if frames is not None and video is None:
+            frames = check_frames(frames)
         source, rate, audio = video_source(frames, fps, video)
         region = region_choice(region_lock, region_mask)
         host = host_of(model, clip_vision, vae)
-        if isinstance(source, TensorSource):
-            check_frames(source.frames)
         edits = check_frames(edited_first_frame, "edited_first_frame")
         settings = EditSettings(
             chunk=clip_length, steps=steps, match=None if preset == "off" else MatchConfig.preset(preset),

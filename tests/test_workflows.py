@@ -39,6 +39,7 @@ EXPECTED = {
     "i2vedit_long_video_all_in_one",
     "i2vedit_reuse_lora_and_inversion",
     "i2vedit_region_lock_auto",
+    "i2vedit_prepare_clips_parallel",
 }
 CORE_TYPES = {
     "ImageOnlyCheckpointLoader",
@@ -90,8 +91,13 @@ FILE_COMBOS = {
 }
 # Widgets that deliberately differ from the node's default (file names, output prefixes).
 NOT_DEFAULT = {*FILE_COMBOS, ("SaveVideo", "filename_prefix")}
-# the region-lock workflow's choices (its all-in-one node is the long-video one's otherwise)
-REGION_WORKFLOW_CHOICES = {("I2VEditVideo", "region_lock"): "mask", ("I2VEditVideo", "colour_anchor"): True}
+# widgets some workflows set on purpose (the region lock's, the parallel preparation's); the rest keep defaults
+WORKFLOW_CHOICES = {
+    ("I2VEditVideo", "region_lock"): "mask",
+    ("I2VEditVideo", "colour_anchor"): True,
+    ("I2VEditVideo", "resume_name"): "shared_run",
+    ("I2VEditVideo", "prepare_only"): True,
+}
 LORA_FILE = "motion_lora_clip000.safetensors"
 INVERSION_FILE = "i2vedit_clip000.safetensors"
 
@@ -146,7 +152,7 @@ def workflow(request: pytest.FixtureRequest) -> tuple[Path, dict[str, Any]]:
 # ---- without ComfyUI ---------------------------------------------------------------------------
 
 
-def test_the_four_workflows_are_there() -> None:
+def test_the_five_workflows_are_there() -> None:
     assert {p.stem for p in WORKFLOWS} == EXPECTED
     assert (WORKFLOW_DIR / "README.md").is_file()
 
@@ -312,7 +318,7 @@ def test_region_lock_workflow_feeds_the_automatic_mask_to_the_all_in_one_node() 
     }
     assert expected <= edges(wf), expected - edges(wf)
     (edit,) = nodes_of(wf, "I2VEditVideo")
-    assert edit["widgets_values"][-3:-1] == list(REGION_WORKFLOW_CHOICES.values())
+    assert edit["widgets_values"][-4:-2] == ["mask", True]  # region_lock, colour_anchor
 
 
 def test_reuse_workflow_loads_what_the_every_stage_workflow_saves() -> None:
@@ -405,7 +411,7 @@ def check_node(node: dict[str, Any], inputs: list[tuple[str, str, dict[str, Any]
                 assert isinstance(value, str) and value.endswith(file_suffix), what
             else:
                 assert value in opts.get("options", []), f"{what} not among {opts.get('options')}"
-        chosen = REGION_WORKFLOW_CHOICES.get((node["type"], name))
+        chosen = WORKFLOW_CHOICES.get((node["type"], name))
         if chosen is not None and value == chosen:
             continue
         if kind not in ("CONTROL", "UPLOAD") and (node["type"], name) not in NOT_DEFAULT:
@@ -497,3 +503,14 @@ def test_server_lists_and_serves_the_workflows_as_the_packs_templates(comfy_serv
         jpg = f"{comfy_server.url}/api/workflow_templates/i2vedit/{path.stem}.jpg"
         with urllib.request.urlopen(jpg, timeout=30) as resp:
             assert resp.read() == path.with_suffix(".jpg").read_bytes()
+
+
+def test_prepare_clips_workflow_prepares_into_a_shared_run_folder() -> None:
+    wf = load(WORKFLOW_DIR / "i2vedit_prepare_clips_parallel.json")
+    expected = {
+        ("LoadVideo", "VIDEO", "I2VEditVideo", "video"),
+        ("LoadImage", "IMAGE", "I2VEditVideo", "edited_first_frame"),
+    }
+    assert expected <= edges(wf), expected - edges(wf)
+    (edit,) = nodes_of(wf, "I2VEditVideo")
+    assert edit["widgets_values"][-5] == "shared_run" and edit["widgets_values"][-1] is True  # prepare_only
