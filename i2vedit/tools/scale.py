@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..hosts.diffusers.tiny import write_tiny_svd_folder
+from ..hosts.diffusers.tiny import build_tiny_diffusers_host
 from ..io.frames import clip_ranges
 from ..io.synthetic import demo_video
 from ..io.video import write_video
@@ -41,13 +41,12 @@ def _settings():
     return EditSettings(chunk=CHUNK, steps=int(FLAGS["steps"]), lora_steps=int(FLAGS["lora_steps"]))  # type: ignore[call-overload]
 
 
-def worker(video: str, model: str, reuse: str) -> dict[str, Any]:
+def worker(video: str, reuse: str) -> dict[str, Any]:
     """One rank of the measured run: prepares free clips into ``reuse`` (``pipeline.prepare_clips``)."""
-    from ..cli import load_diffusers_host
     from ..io.video import VideoSource
     from ..run.pipeline import prepare_clips
 
-    host = load_diffusers_host(model)
+    host = build_tiny_diffusers_host(seed=0)
     source = VideoSource(video)
     size = FLAGS["size"]
     assert isinstance(size, tuple)
@@ -55,10 +54,10 @@ def worker(video: str, model: str, reuse: str) -> dict[str, Any]:
             **prepare_clips(host, source, float(source.fps), _settings(), reuse, size=size)}  # fmt: skip
 
 
-def _measure(processes: int, video: Path, model: Path, root: Path) -> dict[str, Any]:
+def _measure(processes: int, video: Path, root: Path) -> dict[str, Any]:
     reuse = root / f"reuse_{processes}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "i2vedit.tools.scale", str(video), str(model), str(reuse)]  # fmt: skip
+           "-m", "i2vedit.tools.scale", str(video), str(reuse)]  # fmt: skip
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           cwd=Path(__file__).resolve().parents[2])  # fmt: skip
@@ -137,10 +136,9 @@ def _model() -> dict[str, Any]:
 def bench_scale() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="i2vedit-bench-scale-") as tmp:
         root = Path(tmp)
-        model = write_tiny_svd_folder(root / "svd")
         video, _ = demo_video(CLIPS * (CHUNK - 1) + 1, (64, 96))
         write_video(root / "v.mp4", video, 8)
-        runs = [_measure(n, root / "v.mp4", model, root) for n in (1, 2)]
+        runs = [_measure(n, root / "v.mp4", root) for n in (1, 2)]
     return {
         "measured": {
             "what": f"preparation of {CLIPS} clips on the tiny SVD ({FLAGS}), one thread per process, this machine",
@@ -152,4 +150,4 @@ def bench_scale() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker(*sys.argv[1:4]), default=str))
+    print(json.dumps(worker(*sys.argv[1:3]), default=str))
