@@ -500,7 +500,10 @@ class VideoWriter:
             stream = self._container.add_stream("h264", rate=self.rate)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if stream.codec_context.name == "libx264":
-                stream.options = {"crf": str(CRF), "rc-lookahead": str(LOOKAHEAD)}
+                # one encoder thread: the same frames give the same file, whatever the machine's load (a
+                # frame-threaded libx264 once wrote one frame of a test video differently); encoding stays
+                # far faster than the edit
+                stream.options = {"crf": str(CRF), "rc-lookahead": str(LOOKAHEAD), "threads": "1"}
             self._video, self._size = stream, (height, width)
             self._sound = _audio_stream(self._container, self.audio, self.path)
         except BaseException as e:
