@@ -27,10 +27,7 @@ from .precision import DTYPES, resolve_dtypes
 from .run.pipeline import MAX_CFG, MAX_CHUNK, EditSettings
 
 if TYPE_CHECKING:
-    from fractions import Fraction
-
-    from .io.frames import FrameSource
-    from .io.video import Audio, Video
+    from .io.video import Video, VideoSource
 
 SVD_NATIVE_SIZE = (576, 1024)
 MAX_SIDE = 2048  # each side of --size; SVD was trained at 576×1024
@@ -455,43 +452,39 @@ class _Outputs:
     """Each edit's video, masks video and contact sheet, written clip by clip as the run makes them (a
     ``ClipSink``): the run holds one clip, whatever the video's length."""
 
-    def __init__(
-        self, out_dir: Path, names: list[str], fps: Fraction, audio: Audio | None, frames: int
-    ) -> None:
+    def __init__(self, out_dir: Path, names: list[str], source: VideoSource) -> None:
         from .io.video import VideoWriter
 
         self.stems = [name.removesuffix(".mp4") for name in names]
-        self.videos = [VideoWriter(out_dir / name, fps, audio) for name in names]
-        self.masks = [VideoWriter(out_dir / f"{stem}_masks.mp4", fps) for stem in self.stems]
-        self.out_dir = out_dir
-        self.picks = (
-            torch.linspace(0, frames - 1, min(5, frames)).round().long().tolist()
-        )  # the sheet's frames
+        self.videos = [VideoWriter(out_dir / name, source.fps, source.audio) for name in names]
+        self.masks = [VideoWriter(out_dir / f"{stem}_masks.mp4", source.fps) for stem in self.stems]
+        self.out_dir, self.source = out_dir, source
+        self.picks = torch.linspace(0, source.count - 1, min(5, source.count)).round().long().tolist()
+        # per edit, the contact sheet's columns: (source, edited, difference mask[, region]) of each pick
         self.sheet: list[dict[int, tuple[torch.Tensor, ...]]] = [{} for _ in names]
-        self.locked = False
 
     def __call__(
         self, e: int, start: int, video: torch.Tensor, masks: torch.Tensor, region: torch.Tensor | None
     ) -> None:
         self.videos[e].append(video)
         self.masks[e].append(mask_frames(masks, region))
-        self.locked = region is not None
         for t in self.picks:
-            if start <= t < start + video.shape[0]:
+            if start <= t < start + video.shape[0]:  # the source reads its frame from the clip it holds
                 k = t - start
-                self.sheet[e][t] = (video[k], masks[k], *((region[k],) if region is not None else ()))
+                self.sheet[e][t] = (self.source.read(t, t + 1)[0], video[k], masks[k],
+                                    *((region[k],) if region is not None else ()))  # fmt: skip
 
-    def finish(self, source: FrameSource) -> list[dict[str, str]]:
+    def finish(self) -> list[dict[str, str]]:
         """Close every file (each replaces its name only now) and write the contact sheets."""
         for writer in (*self.videos, *self.masks):
             writer.close()
         outputs = []
         for stem, name, picked in zip(self.stems, self.videos, self.sheet):
-            src = torch.stack([source.read(t, t + 1)[0] for t in self.picks])
             cols = [picked[t] for t in self.picks]
-            region = torch.stack([c[2] for c in cols]) if self.locked else None
-            sheet = comparison_image(src, torch.stack([c[0] for c in cols]), torch.stack([c[1] for c in cols]),
-                                     len(self.picks), region)  # fmt: skip
+            rows = [torch.stack([c[i] for c in cols]) for i in range(len(cols[0]))]
+            sheet = comparison_image(
+                rows[0], rows[1], rows[2], len(self.picks), rows[3] if len(rows) > 3 else None
+            )
             _save_png(self.out_dir / f"{stem}_masks.png", sheet)
             outputs.append(
                 {"video": name.path.name, "masks": f"{stem}_masks.mp4", "contact_sheet": f"{stem}_masks.png"}
@@ -500,7 +493,7 @@ class _Outputs:
 
     def discard(self) -> None:
         for writer in (*self.videos, *self.masks):
-            writer.__exit__(I2VEditError, I2VEditError("the edit stopped"), None)
+            writer.discard()
 
 
 def launch_workers(workers: int, argv: list[str]) -> int:
@@ -584,14 +577,14 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
                         "reuse": str(reuse.resolve())})  # fmt: skip
     if rank > 0:  # a worker: prepares clips into the shared reuse folder; rank 0 writes the video
         return {"rank": rank, **prepare_clips(host, source, float(source.fps), settings, reuse, size=size)}
-    outputs = _Outputs(out_dir, names, source.fps, source.audio, n)
+    outputs = _Outputs(out_dir, names, source)
     try:
         result = edit_frames(host, source, float(source.fps), edits, settings, size=size, reuse_dir=reuse, region=region,
                              sink=outputs, progress=lambda i: print(f"clip {i['clip'] + 1}/{i['clips']}: {i['stage']}", file=sys.stderr))  # fmt: skip
     except BaseException:
         outputs.discard()  # no half-written video replaces an earlier one; the finished clips stay in the reuse folder
         raise
-    written = outputs.finish(source)
+    written = outputs.finish()
     report = {k: v for k, v in result.report.items() if k != "settings"}
     report["outputs"] = [
         {"first_frame": str(first), **files} for first, files in zip(args.first_frame, written)

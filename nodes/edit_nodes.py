@@ -414,7 +414,7 @@ class EditVideo(io.ComfyNode):
                 ),
                 io.Video.Output(
                     display_name="video",
-                    tooltip="The edited video(s) with the source's audio (stereo), for SaveVideo.",
+                    tooltip="The edited video(s) with the source's audio, for SaveVideo.",
                 ),
                 io.Mask.Output(
                     display_name="region_mask",
@@ -429,9 +429,7 @@ class EditVideo(io.ComfyNode):
                 max_cfg: float, seed: int, resume_name: str = "", frames=None, video=None,
                 region_lock: str = "off", colour_anchor: bool = False, image_outputs: bool = True,
                 prepare_only: bool = False, region_mask=None) -> io.NodeOutput:  # fmt: skip
-        if frames is not None and video is None:
-            frames = check_frames(frames)
-        source, rate, audio = video_source(frames, fps, video)
+        source, rate, audio = video_source(frames, fps, video, check=check_frames)
         region = region_choice(region_lock, region_mask)
         host = host_of(model, clip_vision, vae)
         edits = check_frames(edited_first_frame, "edited_first_frame")
@@ -495,8 +493,6 @@ REGION_LOCKS = ("off", "auto", "mask")
 
 def region_choice(region_lock: str, region_mask: torch.Tensor | None) -> torch.Tensor | str | None:
     """The all-in-one node's region lock as ``edit_frames`` takes it; a mask that would be ignored is refused."""
-    if region_lock not in REGION_LOCKS:
-        raise I2VEditError(f"region_lock is one of {', '.join(REGION_LOCKS)}, got {region_lock!r}.")
     if region_lock == "mask":
         if region_mask is None:
             raise I2VEditError(

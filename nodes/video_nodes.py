@@ -358,10 +358,5 @@ class AutoRegionMask(io.ComfyNode):
     def execute(cls, frames, edited_first_frame, threshold: float, dilate: int) -> io.NodeOutput:
         frames = check_frames(frames)
         edited = check_frames(edited_first_frame, "edited_first_frame")[:1]
-        if edited.shape[1:3] != frames.shape[1:3]:
-            raise I2VEditError(
-                f"the edited frame is {edited.shape[2]}×{edited.shape[1]} and the video {frames.shape[2]}×"
-                f"{frames.shape[1]}; give the edited frame at the video's size."
-            )
         mask = auto_region(frames, edited, threshold, dilate)
         return io.NodeOutput(mask, ui=ui.PreviewMask(mask, cls=cls))

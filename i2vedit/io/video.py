@@ -54,17 +54,6 @@ class Audio:
     def seconds(self) -> float:
         return self.samples.shape[1] / self.sample_rate
 
-    def downmixed(self, channels: int = 2) -> Audio:
-        """This audio with at most ``channels`` channels (FFmpeg's standard downmix, e.g. 5.1 to stereo),
-        for writers that only take mono or stereo."""
-        if self.samples.shape[0] <= channels:
-            return self
-        target = av.AudioLayout(f"{channels}c").name
-        resampler = av.AudioResampler(format="fltp", layout=target, rate=self.sample_rate)
-        frame = _audio_frame(self, 0, self.samples.shape[1], self.layout or f"{self.samples.shape[0]}c")
-        out = [f.to_ndarray() for f in (*resampler.resample(frame), *resampler.resample(None))]
-        return Audio(torch.from_numpy(np.concatenate(out, axis=1)), self.sample_rate, target)
-
     def repeated(self, times: int) -> Audio:
         """This audio played ``times`` times in a row (one copy per edited video of a batch)."""
         return Audio(self.samples.repeat(1, times), self.sample_rate, self.layout)
@@ -307,15 +296,11 @@ def read_video_clip(
     long as the frames do (N / fps): a time range trims it; a sample fps keeps the range's duration,
     so the range's audio is kept as it is.
     """
-    _check_size(size)
     if max_frames is not None and max_frames < 1:
         raise I2VEditError(f"max frames {max_frames} is below 1; use at least 1, or None for no limit.")
-    check_time_range(start_t, end_t, sample_fps)  # before opening the file
-    info = probe_video(path)
-    indices = sample_frame_indices(info.num_frames, float(info.fps), start_t, end_t, sample_fps)
+    info, indices, (height, width), fps = _sampled(path, start_t, end_t, sample_fps, size)
     if max_frames is not None:
         indices = indices[:max_frames]
-    height, width = (int(size[0]), int(size[1])) if size is not None else (info.height, info.width)
 
     needed = len(indices) * height * width * 3 * 4
     if needed > max_bytes:
@@ -337,11 +322,26 @@ def read_video_clip(
         )
     if count < len(indices):
         frames = frames[:count].clone()
-    fps = info.fps if sample_fps == -1 else as_fraction(sample_fps)
-    sound = None
-    if audio and info.has_audio:
-        sound = read_audio(path, float(indices[0] / info.fps), float(count / fps))
-    return Video(frames, fps, sound)
+    return Video(frames, fps, _range_audio(path, info, indices[0], count, fps) if audio else None)
+
+
+def _sampled(
+    path: str | os.PathLike, start_t: float, end_t: float, sample_fps: float, size: tuple[int, int] | None
+) -> tuple[VideoInfo, list[int], tuple[int, int], Fraction]:
+    """A time range at a sample rate: the video's info, the frame indices it keeps, their size, their rate."""
+    _check_size(size)
+    check_time_range(start_t, end_t, sample_fps)  # before opening the file
+    info = probe_video(path)
+    indices = sample_frame_indices(info.num_frames, float(info.fps), start_t, end_t, sample_fps)
+    hw = (int(size[0]), int(size[1])) if size is not None else (info.height, info.width)
+    return info, indices, hw, info.fps if sample_fps == -1 else as_fraction(sample_fps)
+
+
+def _range_audio(
+    path: str | os.PathLike, info: VideoInfo, first: int, count: int, fps: Fraction
+) -> Audio | None:
+    """The audio of ``count`` frames at ``fps`` from source frame ``first``, if the video has any."""
+    return read_audio(path, float(first / info.fps), float(count / fps)) if info.has_audio else None
 
 
 class VideoSource:
@@ -362,23 +362,15 @@ class VideoSource:
         size: tuple[int, int] | None = None,
         audio: bool = True,
     ) -> None:
-        _check_size(size)
-        check_time_range(start_t, end_t, sample_fps)
         self.path, self.size = path, size
-        info = probe_video(path)
-        self.indices = sample_frame_indices(info.num_frames, float(info.fps), start_t, end_t, sample_fps)
+        info, self.indices, (self.height, self.width), self.fps = _sampled(
+            path, start_t, end_t, sample_fps, size
+        )
         self.count = len(self.indices)
-        self.height, self.width = (
-            (int(size[0]), int(size[1])) if size is not None else (info.height, info.width)
-        )
-        self.fps = info.fps if sample_fps == -1 else as_fraction(sample_fps)
-        seconds = float(self.count / self.fps)
-        self.audio = (
-            read_audio(path, float(self.indices[0] / info.fps), seconds) if audio and info.has_audio else None
-        )
+        self.audio = _range_audio(path, info, self.indices[0], self.count, self.fps) if audio else None
         self._decoder: Iterator[np.ndarray] | None = None
         self._next = 0  # the sampled position the decoder yields next
-        self._held: list[tuple[int, Tensor]] = []
+        self._held: list[Tensor] = []  # frames next − len … next − 1
 
     def read(self, start: int, end: int) -> Tensor:
         """Frames ``start`` to ``end`` (exclusive) of the sampled ones, as an IMAGE (end − start, H, W, 3)."""
@@ -386,17 +378,15 @@ class VideoSource:
             raise I2VEditError(
                 f"frames {start}..{end} are not within the video's {self.count} sampled frames."
             )
-        if (
-            self._decoder is None
-            or (self._held and start < self._held[0][0])
-            or (not self._held and start < self._next)
-        ):
-            self._decoder, self._next, self._held = (
+        first = self._next - len(self._held)  # the held frames run up to the one decoded last
+        if self._decoder is None or start < first:
+            self._decoder, self._next, self._held, first = (
                 iter_video_frames(self.path, self.indices, self.size),
                 0,
                 [],
+                0,
             )
-        self._held = [(pos, f) for pos, f in self._held if pos >= start]
+        self._held = self._held[start - first :]
         while self._next < end:
             rgb = next(self._decoder, None)
             if rgb is None:
@@ -405,9 +395,9 @@ class VideoSource:
                     f"file?); {_CONVERT_HINT}."
                 )
             if self._next >= start:
-                self._held.append((self._next, torch.from_numpy(rgb).float().div_(255.0)))
+                self._held.append(torch.from_numpy(rgb).float().div_(255.0))
             self._next += 1
-        return torch.stack([f for pos, f in self._held if pos < end])
+        return torch.stack(self._held[: end - start])
 
 
 def read_video(
@@ -490,7 +480,7 @@ class VideoWriter:
         if error is None:
             self.close()
         else:  # the block failed: drop the file quietly and let its error through
-            self._discard()
+            self.discard()
 
     def _open(self, height: int, width: int) -> None:
         self._file = atomic_file(self.path, "video")
@@ -576,7 +566,8 @@ class VideoWriter:
             file.__exit__(type(error), error, error.__traceback__)
         raise error
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
+        """Drop what was written; a previous file at ``path`` stays as it was."""
         self._close_container()
         file, self._file = self._file, None
         if file is not None:

@@ -36,6 +36,7 @@ from ..io.frames import (
     FrameSource,
     ResizedSource,
     ResizeMode,
+    ResizePlan,
     TensorSource,
     as_source,
     check_size,
@@ -417,18 +418,12 @@ def prepare_clips(
     clips are ready. ``frames`` at any size with ``size``/``resize_mode`` as ``edit_frames`` takes them.
     """
     settings = settings.validate()
-    source = as_source(frames)
-    plan = make_resize_plan(source.height, source.width, *(size or fit_size(source.height, source.width)),
-                            mode=resize_mode)  # fmt: skip
-    fitted = ResizedSource(source, plan)
+    fitted = ResizedSource(*_fit(as_source(frames), size, resize_mode))
     _check_inputs(fitted, fps, [])
     run = _Run.start(host, fitted, fps, [], settings, reuse_dir, progress, should_stop, step_callback, None,
                      lambda *a: None, worker=True)  # fmt: skip
     for i in range(len(run.ranges)):
-        if run.should_stop is not None and run.should_stop():
-            raise I2VEditError(
-                f"interrupted before clip {i + 1}; the clips prepared so far are in {reuse_dir}."
-            )
+        run._stop_check(f"before clip {i + 1} of {len(run.ranges)}")
         run.prepare_if_free(i)
     return {"clips": len(run.ranges), "prepared_here": run.prepared_here, "seconds": run.timer.seconds,
             "warnings": run.store.warnings}  # fmt: skip
@@ -456,6 +451,7 @@ class _Run:
         # per edit: the previous edited clip's final last-frame latent and decoded last frame
         self.prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(edits)
         self.perturbed0: torch.Tensor | None = None
+        self.first: Inversion | None = None  # clip 0's inversion, once read or made (skip-interval's source)
         self.stored = 0
         self.prepared_here: list[int] = []  # clips whose inversion or LoRA this process computed
 
@@ -497,7 +493,8 @@ class _Run:
         s, span = self.settings, self.ranges[i]
         with self.timer("sarp", i):
             frames = self.source.read(*span)
-            if nonfinite_frames(frames):
+            checked = isinstance(self.source, TensorSource)  # a tensor is checked whole, before any compute
+            if not checked and nonfinite_frames(frames):
                 raise I2VEditError(f"frames {span[0]}..{span[1] - 1} of the video hold NaN or inf values.")
             perturbed, _ = sarp(frames, derived_seed(s.seed, i, Purpose.SARP), s.sarp_noise, s.sarp_threshold)
         if i == 0:
@@ -542,13 +539,13 @@ class _Run:
     def _first_inversion(self) -> None:
         """Clip 0's inversion (the skip-interval K/V's source) from the folder, once clip 0 is ready."""
         folder = self.store.folder
-        if self.perturbed0 is not None or folder is None:
+        if self.first is not None or folder is None:
             return
         while not folder.has(0, INVERSION_FILE):
             if not self.prepare_if_free(0):
                 self._stop_check("while waiting for clip 1's inversion")
                 time.sleep(POLL_SECONDS)
-        if self.perturbed0 is None:  # prepare_if_free(0) set it, or another process made clip 0
+        if self.first is None:  # prepare_if_free(0) read it, or another process made clip 0
             self._inversion(0, self.ranges[0], self._sarp(0)[1])
 
     def clip(self, i: int) -> None:
@@ -558,6 +555,7 @@ class _Run:
         clips meanwhile), and this process claims the clip it prepares itself.
         """
         self._stop_check(f"before clip {i + 1} of {len(self.ranges)}")
+        frames, perturbed = self._sarp(i)  # before any wait: preparing later clips reads on past this one
         folder, holding = self.store.folder, False
         while folder is not None and not self._ready(i):
             if folder.claim(i):
@@ -567,7 +565,6 @@ class _Run:
                 self._stop_check(f"while waiting for clip {i + 1}, which another process prepares")
                 time.sleep(POLL_SECONDS)
         try:
-            frames, perturbed = self._sarp(i)
             inv, lora_host = self._prepare(i, perturbed)
         finally:
             if holding and folder is not None:
@@ -595,6 +592,7 @@ class _Run:
         if stored:
             inv.skip_kv = self.skip.for_inversion(i)
         if i == 0:
+            self.first = inv
             self.skip.first_inversion(self.host, inv)
         self.stored += inv.stored_bytes()
         return inv
@@ -705,7 +703,7 @@ class _Run:
                 raise I2VEditError(f"it lacks {err}") from None
 
         def make() -> ClipEdit:
-            edit = edit_clip(self.host, lora_host, inv, self.edits[e], self.prev[e], self.denoise_ids,
+            edit = edit_clip(self.host, lora_host, inv, self.edits[e], prev, self.denoise_ids,
                              generator(s.seed, i, Purpose.CONDITION, e), s.match, s.cfg, mode, skip_kv,
                              self.skip.capture_kv(i), s.decode_chunk, _tagged(self.step_callback, i, "denoise"),
                              stage=lambda name: self.timer(name, i),
@@ -737,6 +735,15 @@ def _tagged(callback: Progress | None, clip: int, stage: str) -> Progress | None
     return lambda info: callback({**info, "clip": clip, "stage": stage})
 
 
+def _fit(
+    source: FrameSource, size: tuple[int, int] | None, mode: ResizeMode
+) -> tuple[FrameSource, ResizePlan]:
+    """The source and the plan to its generation size (``size``, else within 1024 at a multiple of 64)."""
+    return source, make_resize_plan(
+        source.height, source.width, *(size or fit_size(source.height, source.width)), mode=mode
+    )
+
+
 def edit_frames(
     host: SVDHost,
     frames: torch.Tensor | FrameSource,
@@ -754,10 +761,8 @@ def edit_frames(
     lock (``region``) is given at the video's size, and the output is composited at that size. ``sink``
     gets the clips at the video's size (``edit_video``).
     """
-    source = as_source(frames)
+    source, plan = _fit(as_source(frames), size, resize_mode)
     n, h, w = source.count, source.height, source.width
-    size = size or fit_size(h, w)
-    plan = make_resize_plan(h, w, *size, mode=resize_mode)
     fitted = []
     for e, img in enumerate(edits):
         if img.ndim == 3:

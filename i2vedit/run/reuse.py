@@ -38,6 +38,12 @@ CLAIM_STALE_SECONDS = 600.0
 CLAIM_HEARTBEAT = 30.0
 
 
+def _alive(holder: Mapping[str, Any]) -> bool:
+    """Whether the process a lock or claim file names (on this machine) still runs."""
+    pid = int(holder.get("pid", -1))
+    return pid > 0 and _pid_alive(pid)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         import psutil  # in every ComfyUI install; optional on the command line
@@ -78,32 +84,41 @@ class ReuseFolder:
 
     def _acquire(self) -> Path:
         lock = self.path / LOCK
+
+        def ended(holder: dict[str, Any] | None) -> bool:
+            return holder is not None and holder.get("host") == socket.gethostname() and not _alive(holder)
+
+        if self._mark(lock, ended, "which has ended; taking the folder over"):
+            return lock
+        holder = self._lock_holder(lock)
+        who = (
+            f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+            if holder is not None
+            else "a run whose lock file cannot be read"
+        )
+        raise I2VEditError(
+            f"the reuse folder {self.path} is in use by another run ({who}); wait for it to finish or "
+            f"give another reuse folder. If no other run is using it, delete {lock}."
+        )
+
+    def _mark(self, path: Path, gone: Callable[[dict[str, Any] | None], bool], taking_over: str) -> bool:
+        """Create ``path`` holding this process's pid, host and start time, unless it exists; one left by a
+        holder that ``gone`` says is gone is replaced, with a warning. Whether this process holds it now."""
         for _ in range(2):
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._lock_holder(lock)
-                if holder is not None and holder.get("host") == socket.gethostname():
-                    pid = int(holder.get("pid", -1))
-                    if pid > 0 and not _pid_alive(pid):
-                        self.warn(
-                            f"{lock} was left by process {pid}, which has ended; taking the folder over."
-                        )
-                        lock.unlink(missing_ok=True)
-                        continue
-                who = (
-                    f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
-                    if holder is not None
-                    else "a run whose lock file cannot be read"
-                )
-                raise I2VEditError(
-                    f"the reuse folder {self.path} is in use by another run ({who}); wait for it to finish or "
-                    f"give another reuse folder. If no other run is using it, delete {lock}."
-                ) from None
+                holder = self._lock_holder(path)
+                if not gone(holder):
+                    return False
+                who = holder or {}
+                self.warn(f"{path} was left by process {who.get('pid')} on {who.get('host')}, {taking_over}.")
+                path.unlink(missing_ok=True)
+                continue
             with os.fdopen(fd, "w") as f:
                 json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)  # fmt: skip
-            return lock
-        raise I2VEditError(f"could not lock the reuse folder {self.path}; another run took it. Try again.")
+            return True
+        return False
 
     @staticmethod
     def _lock_holder(lock: Path) -> dict[str, Any] | None:
@@ -152,21 +167,11 @@ class ReuseFolder:
         process has ended (this machine) or that has not been touched for ``CLAIM_STALE_SECONDS`` (another
         machine) is taken over, with a warning."""
         path = self.clip_dir(i) / CLAIM
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._lock_holder(path) or {}
-                if holder.get("host") == socket.gethostname() and int(holder.get("pid", -1)) == os.getpid():
-                    return True
-                if not self._abandoned(path, holder):
-                    return False
-                self.warn(f"clip {i} was claimed by process {holder.get('pid')} on {holder.get('host')}, which "
-                          "stopped; taking it over.")  # fmt: skip
-                path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)  # fmt: skip
+        holder = self._lock_holder(path) or {}
+        mine = holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
+        if mine or self._mark(
+            path, lambda h: self._abandoned(path, h or {}), "which stopped; taking it over"
+        ):
             self._beats[i] = time.monotonic()
             return True
         return False
@@ -174,8 +179,7 @@ class ReuseFolder:
     @staticmethod
     def _abandoned(path: Path, holder: Mapping[str, Any]) -> bool:
         if holder.get("host") == socket.gethostname():
-            pid = int(holder.get("pid", -1))
-            return pid <= 0 or not _pid_alive(pid)
+            return not _alive(holder)
         try:
             return time.time() - path.stat().st_mtime > CLAIM_STALE_SECONDS
         except OSError:

@@ -23,7 +23,7 @@ import torch
 
 from ..hosts.diffusers.tiny import write_tiny_svd_folder
 from ..io.synthetic import moving_square
-from ..io.video import VideoWriter
+from ..io.video import write_video
 
 SOURCE_SIZE = (480, 640)
 CHUNK = 4  # frames per clip, overlapping by one: a video of k clips has k·(CHUNK − 1) + 1 frames
@@ -39,14 +39,6 @@ EDIT_ARGS = [
     "1",
     "--no-matching",
 ]
-
-
-def _write_video(path: Path, frames: int) -> None:
-    """The moving square at ``SOURCE_SIZE``, made and written a few frames at a time."""
-    with VideoWriter(path, 8) as writer:
-        video, _ = moving_square(frames, SOURCE_SIZE)
-        for start in range(0, frames, 8):
-            writer.append(video[start : start + 8])
 
 
 def _edit(root: Path, video: Path, edited: Path, model: Path, name: str) -> dict[str, Any]:
@@ -80,7 +72,7 @@ def bench_memory(short_clips: int = 4, long_clips: int = 16) -> dict[str, Any]:
         runs = {}
         for clips in (short_clips, long_clips):
             video = root / f"video_{clips}.mp4"
-            _write_video(video, clips * (CHUNK - 1) + 1)
+            write_video(video, moving_square(clips * (CHUNK - 1) + 1, SOURCE_SIZE)[0], 8)
             runs[clips] = _edit(root, video, png, model, f"out_{clips}")
     short, long = runs[short_clips], runs[long_clips]
     ratio = long["peak_rss_bytes"] / short["peak_rss_bytes"]

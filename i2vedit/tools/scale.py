@@ -30,28 +30,21 @@ from ..io.synthetic import demo_video
 from ..io.video import write_video
 
 CLIPS, CHUNK = 6, 4
-FLAGS = {"chunk": CHUNK, "steps": 4, "lora_steps": 8, "size": (64, 128)}
+STEPS, LORA_STEPS, SIZE = 4, 8, (64, 128)
 VIDEO_SECONDS, SAMPLE_FPS, FULL_CHUNK = 60, 7, 14
 GPU_COUNTS = (1, 8, 64)
-
-
-def _settings():
-    from ..run.pipeline import EditSettings
-
-    return EditSettings(chunk=CHUNK, steps=int(FLAGS["steps"]), lora_steps=int(FLAGS["lora_steps"]))  # type: ignore[call-overload]
 
 
 def worker(video: str, reuse: str) -> dict[str, Any]:
     """One rank of the measured run: prepares free clips into ``reuse`` (``pipeline.prepare_clips``)."""
     from ..io.video import VideoSource
-    from ..run.pipeline import prepare_clips
+    from ..run.pipeline import EditSettings, prepare_clips
 
     host = build_tiny_diffusers_host(seed=0)
     source = VideoSource(video)
-    size = FLAGS["size"]
-    assert isinstance(size, tuple)
+    settings = EditSettings(chunk=CHUNK, steps=STEPS, lora_steps=LORA_STEPS)
     return {"rank": int(os.environ.get("RANK", "0")),
-            **prepare_clips(host, source, float(source.fps), _settings(), reuse, size=size)}  # fmt: skip
+            **prepare_clips(host, source, float(source.fps), settings, reuse, size=SIZE)}  # fmt: skip
 
 
 def _measure(processes: int, video: Path, root: Path) -> dict[str, Any]:
@@ -141,7 +134,7 @@ def bench_scale() -> dict[str, Any]:
         runs = [_measure(n, root / "v.mp4", root) for n in (1, 2)]
     return {
         "measured": {
-            "what": f"preparation of {CLIPS} clips on the tiny SVD ({FLAGS}), one thread per process, this machine",
+            "what": f"preparation of {CLIPS} clips on the tiny SVD (clips of {CHUNK} frames at {SIZE}, {STEPS} steps, {LORA_STEPS} LoRA steps), one thread per process, this machine",
             "runs": runs,
             "speed_up_2_processes": runs[0]["wall_seconds"] / runs[1]["wall_seconds"],
         },

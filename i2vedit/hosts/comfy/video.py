@@ -7,6 +7,7 @@ they are. An edited video goes back as a file (``VideoFiles``), written clip by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -16,48 +17,33 @@ from comfy_api.latest import InputImpl
 
 from ...errors import I2VEditError
 from ...io.frames import FrameSource, TensorSource
-from ...io.video import Audio, Video, VideoSource, VideoWriter, as_fraction, read_video_clip
+from ...io.video import Audio, VideoSource, VideoWriter, as_fraction
 
 
-def video_from_comfy(video: Any) -> Video:
-    """The frames, frame rate and audio of a ComfyUI ``VIDEO``."""
-    source = video.get_stream_source()
-    if isinstance(source, str):
-        return read_video_clip(source)
-    parts = video.get_components()
-    audio = None
-    if parts.audio is not None:
-        waveform = parts.audio["waveform"]
-        audio = Audio(waveform[0].float().cpu(), int(parts.audio["sample_rate"]))
-    return Video(parts.images, Fraction(parts.frame_rate), audio)
-
-
-def edit_source(frames: Any, fps: float, video: Any) -> Video:
-    """The video to edit, from exactly one of an IMAGE batch (at ``fps``) and a ComfyUI ``VIDEO``."""
+def video_source(
+    frames: Any, fps: float, video: Any, check: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+) -> tuple[FrameSource, Fraction, Audio | None]:
+    """The video to edit as a ``FrameSource`` with its rate and audio, from exactly one of an IMAGE batch
+    (at ``fps``) and a ComfyUI ``VIDEO``: a file is read clip by clip, never whole; a video made from
+    components (``CreateVideo``) hands over its frames and audio as they are. ``check`` sees (and may
+    mend) the frames held in memory, the IMAGE batch or the components' images."""
     if (frames is None) == (video is None):
         given = "both" if frames is not None else "neither"
         raise I2VEditError(
             f"{given} of frames and video are connected; connect exactly one: a VIDEO (LoadVideo), whose frame "
             "rate and audio are used, or an IMAGE batch of frames (VideoHelperSuite) with its fps."
         )
-    if video is not None:
-        return video_from_comfy(video)
-    return Video(frames, as_fraction(fps))
-
-
-def video_source(frames: Any, fps: float, video: Any) -> tuple[FrameSource, Fraction, Audio | None]:
-    """The video to edit as a ``FrameSource`` with its rate and audio, from exactly one of an IMAGE batch
-    (at ``fps``) and a ComfyUI ``VIDEO`` (a file is read clip by clip, never whole)."""
-    if (frames is None) == (video is None):
-        edit_source(frames, fps, video)  # says which
-    if video is not None:
-        stream = video.get_stream_source()
-        if isinstance(stream, str):
-            source = VideoSource(stream)
-            return source, source.fps, source.audio
-        parts = video_from_comfy(video)
-        return TensorSource(parts.frames), parts.fps, parts.audio
-    return TensorSource(frames), as_fraction(fps), None
+    if video is None:
+        return TensorSource(check(frames)), as_fraction(fps), None
+    stream = video.get_stream_source()
+    if isinstance(stream, str):
+        source = VideoSource(stream)
+        return source, source.fps, source.audio
+    parts = video.get_components()
+    audio = None
+    if parts.audio is not None:
+        audio = Audio(parts.audio["waveform"][0].float().cpu(), int(parts.audio["sample_rate"]))
+    return TensorSource(check(parts.images)), Fraction(parts.frame_rate), audio
 
 
 class VideoFiles:
@@ -107,7 +93,7 @@ class VideoFiles:
 
     def discard(self) -> None:
         for writer in self.writers:
-            writer.__exit__(I2VEditError, I2VEditError("the edit stopped"), None)
+            writer.discard()
 
 
 JOIN_FRAMES = 16  # frames decoded at a time when several edits' videos are joined
