@@ -167,11 +167,11 @@ def spatial_match(
                 b = min(tokens, a + query_block)
                 p_e = torch.softmax((qe[f0:f1, :, a:b].float() * scale) @ ke_t, dim=-1)
                 p_s = torch.softmax((qs[f0:f1, :, a:b].float() * scale) @ ks_t, dim=-1)
-                p_e.sub_(p_s)  # p_e now holds P^e − P^s
-                d = torch.linalg.vector_norm(p_e, 1, dim=-1).mean(1).clamp_(0, 2).div_(2)
+                # ½·Σ|P^e − P^s| = 1 − Σ min(P^e, P^s) for two distributions: one pass, nothing written
+                d = torch.minimum(p_e, p_s).sum(-1).mean(1).neg_().add_(1).clamp_(0, 1)
                 w = blend_weight(d, tau[f0:f1, None])
-                torch.addcmul(p_s, p_e, w[:, None, :, None], out=p_e)  # (1 − M)·P^s + M·P^e
-                out[f0:f1, :, a:b] = p_e @ v_edit
+                p_s.lerp_(p_e, w[:, None, :, None])  # (1 − M)·P^s + M·P^e
+                out[f0:f1, :, a:b] = p_s @ v_edit
                 diff[f0:f1, a:b], weight[f0:f1, a:b] = d, w
                 del p_e, p_s
     return merge_heads(out), diff, weight
