@@ -5,8 +5,8 @@ alpha / rank and the strength; dropout acts on the branch output as the authors 
 training); while it is off, exactly ``W x``. A host calls ``add`` from each target linear's forward
 (a forward hook on the diffusers UNet, an object patch on ComfyUI's controlled clone) and
 switches the branch per model call, so the base model and every LoRA share one model (on diffusers
-a training run too; ComfyUI still trains on a clone of its own); ``owner`` says whose LoRA the
-branch holds now.
+a training run too; a ComfyUI trainer holds a branch of its own on a MODEL clone of its own, over
+the same weights); ``owner`` says whose LoRA the branch holds now.
 """
 
 from __future__ import annotations

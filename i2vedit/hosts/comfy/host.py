@@ -84,8 +84,12 @@ class ComfySVDHost:
         return self.controlled_patcher if controlled else self.patcher
 
     def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
-        """A trainable LoRA'd clone of this MODEL (``host.LoRATrainable``)."""
+        """A trainable motion LoRA: a branch on a clone of this MODEL (``host.LoRATrainable``)."""
         return ComfyLoRATrainer(self, rank, target_set, dropout, **kw)
+
+    def training_host(self, trainer: ComfyLoRATrainer) -> ComfySVDHost:
+        """This host's MODEL with ``trainer``'s LoRA as trained so far (live, no dropout)."""
+        return ComfyTrainingHost(self, trainer)
 
     def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> ComfySVDHost:
         """This host's MODEL with a motion LoRA: the branch switched on for its calls (``ComfyLoRAHost``).
@@ -195,16 +199,33 @@ class ComfySVDHost:
         return torch.cat(parts).clamp(0, 1)
 
 
-class ComfyLoRAHost(ComfySVDHost):
+class _OnBase(ComfySVDHost):
+    """A view of ``base``'s MODEL with some LoRA switched on: ``base``'s patcher, CLIP_VISION and VAE."""
+
+    def __init__(self, base: ComfySVDHost) -> None:
+        self.base = base
+        self.patcher, self.clip_vision, self.vae = base.patcher, base.clip_vision, base.vae
+
+    def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
+        return self.base.lora_trainer(rank, target_set, dropout, **kw)
+
+    def training_host(self, trainer: ComfyLoRATrainer) -> ComfySVDHost:
+        return self.base.training_host(trainer)
+
+    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> ComfySVDHost:
+        return self.base.with_lora(weights, strength)
+
+
+class ComfyLoRAHost(_OnBase):
     """``base``'s MODEL with a motion LoRA: ``base``'s controlled clone with its LoRA branch switched on.
 
     Before each model call it loads its LoRA into the branch, unless the branch holds it already.
     """
 
     def __init__(self, base: ComfySVDHost, weights: LoRAWeights, strength: float = 1.0) -> None:
+        super().__init__(base)
         self.target_set = fitting_target_set(weights, base.patcher.model.diffusion_model)
-        self.base, self.weights, self.strength, self.rank = base, weights, strength, weights.rank
-        self.patcher, self.clip_vision, self.vae = base.patcher, base.clip_vision, base.vae
+        self.weights, self.strength, self.rank = weights, strength, weights.rank
         self.sessions = base.sessions  # one clone, one set of sessions: the branch is switched per call
 
     @property
@@ -220,8 +241,22 @@ class ComfyLoRAHost(ComfySVDHost):
     def _switch_branch(self) -> None:
         self.base.attach_branch(self.rank, self.target_set).take(self, self.weights.modules, self.strength)
 
-    def lora_trainer(self, rank: int = 32, target_set: str = "temporal", dropout: float = 0.1, **kw: Any):
-        return self.base.lora_trainer(rank, target_set, dropout, **kw)
 
-    def with_lora(self, weights: LoRAWeights, strength: float = 1.0) -> ComfySVDHost:
-        return self.base.with_lora(weights, strength)
+class ComfyTrainingHost(_OnBase):
+    """``base``'s MODEL with the LoRA a trainer holds now (``ComfyLoRATrainer.host``): every call runs the
+    trainer's clone with its branch on and no dropout."""
+
+    def __init__(self, base: ComfySVDHost, trainer: ComfyLoRATrainer) -> None:
+        super().__init__(base)
+        self.trainer = trainer
+        self.sessions = GuiderSessions()
+
+    @property
+    def controlled_patcher(self) -> comfy.model_patcher.ModelPatcher:
+        return self.trainer.patcher
+
+    def _patcher(self, controlled: bool) -> comfy.model_patcher.ModelPatcher:
+        return self.trainer.patcher
+
+    def _switch_branch(self) -> None:
+        self.trainer.branch.on, self.trainer.branch.dropout = True, 0.0

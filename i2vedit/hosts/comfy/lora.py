@@ -1,50 +1,43 @@
-"""Motion LoRA for the ComfyUI host: ComfyUI weight-adapter LoRAs on a clone of the user's MODEL.
+"""Motion LoRA for the ComfyUI host: a ``LoRABranch`` on a clone of the user's MODEL, trained in place.
 
 Training (``ComfyLoRATrainer``, a ``host.LoRATrainable``):
 
-- **Where the LoRA lives.** Each target linear gets a ``comfy.weight_adapter`` train adapter
-  (``LoraDiff``: ``lora_up`` (out, r), ``lora_down`` (r, in), alpha = r, so scale 1 as the authors
-  have it), attached with ``ModelPatcher.add_weight_wrapper`` to a *clone* of the user's MODEL.
-  ComfyUI applies it inside ``comfy.ops.cast_bias_weight`` on every forward (``W + U D`` on a copy
-  of W), so gradients reach U and D while W, the user's patcher and its patches stay as they were.
-- **Initialisation.** D ~ N(0, 1/r²), U = 0, drawn from ``torch.manual_seed(init_seed)`` in exactly
-  the order and shapes peft uses (``lora.peft_init``, also ``DiffusersLoRATrainer``'s start; peft walks the diffusers UNet's
-  modules: down blocks, up blocks, then the mid block; per layer it builds ``nn.Linear(in, r)`` and
-  ``nn.Linear(r, out)``, each Kaiming-initialised, then redraws A from the normal). Both hosts
-  therefore start from the identical LoRA for one seed.
-- **Dropout on the branch output.** The authors compute ``y = W x + dropout(U D x)``. A weight
-  wrapper only sees weights, so while dropout is active an object patch on each target linear's
-  ``forward`` (in the training clone only) adds the exact correction
-  ``y = f(x) + (dropout(U D x) − U D x)``, where ``f`` is the linear's own forward that already
-  holds ``W + U D`` through the wrapper: ``W x + b + U D x + dropout(U D x) − U D x`` is the
-  authors' output (up to float rounding), and the gradients are those of the authors' expression.
-  ``torch.nn.functional.dropout`` on the same-shaped branch output draws the same masks as the
-  diffusers trainer's hook. With dropout off the patch returns ``f(x)`` untouched: no correction is
-  computed at all. Inference (``host``) uses a clone without these patches.
+- **Where the LoRA lives.** The trainer holds its LoRA as a ``lora.branch.LoRABranch`` (down (r, in),
+  up (out, r), fp32, scale 1 as the authors have it) and runs one MODEL clone: the host's attention
+  control plus ``with_lora_branch``'s forward patches on the target linears, the same patches the
+  host's inference uses. A target linear gives ``W x + dropout(B A x)``: W is the one UNet's weight,
+  never copied, merged or wrapped, so the user's patcher and its patches stay as they were.
+- **Dropout** acts on the branch output (the authors' ``y = W x + dropout(B A x)``), drawn by the
+  branch itself only in training steps with dropout on (``set_dropout``), with the same masks as the
+  diffusers trainer's.
+- **Initialisation.** A ~ N(0, 1/r²), B = 0, drawn from ``torch.manual_seed(init_seed)`` in exactly
+  the order and shapes peft uses (``lora.peft_init``, also ``DiffusersLoRATrainer``'s start), so both
+  hosts start from the identical LoRA for one seed.
+- **Inference** (``host``): the same clone with the branch on and no dropout, i.e. the function
+  being trained; switched off, the clone is the base model.
 - **Inference tensors.** ComfyUI runs nodes under ``torch.inference_mode()``, so a MODEL loaded by a
   loader node holds inference tensors, which autograd refuses to save for backward. Before each
   forward (after ComfyUI has loaded the model for it) every parameter or buffer of the model that is
   an inference tensor is replaced by an equal ordinary copy (a new Parameter with the same
   ``requires_grad``; bit-identical values; ``p.data = p.clone()`` is not enough, the Parameter
-  itself would still lack a version counter). This is §4.3's "swap once": each tensor is copied
-  once, not per step, and every value stays as it was. Base parameters stop requiring grad while
-  the training clone is loaded, so no gradient is computed for or stored on them (ComfyUI's
-  ``TrainLoraNode`` switches them off for good); their flags come back when ComfyUI detaches the
-  clone to load another MODEL on the same weights, because the flag picks PyTorch's kernels (the
-  user's MODEL would otherwise differ in the last bits). Conditioning tensors made under inference
-  mode are copied the same way. Run the training loop itself under ``torch.inference_mode(False)`` inside a
-  node: ``train_denoise`` switches inference mode off for its own forward, but the loss and its
-  ``backward`` happen in the caller.
+  itself would still lack a version counter): each tensor is copied once, not per step. Base
+  parameters stop requiring grad while the training clone is loaded, so no gradient is computed
+  for them; their flags come back when ComfyUI detaches the clone, because the flag picks
+  PyTorch's kernels (the user's MODEL would otherwise differ in the last bits). Conditioning tensors
+  made under inference mode are copied the same way. Run the training loop itself under
+  ``torch.inference_mode(False)`` inside a node: ``train_denoise`` switches inference mode off for
+  its own forward, but the loss and its ``backward`` happen in the caller.
 - **Model path.** ``train_denoise`` runs ComfyUI's ``CFGGuider`` with a one-call sampler that calls
   ``comfy.samplers.calc_cond_batch`` with gradients, like ``ComfySVDHost.denoise`` (one
-  ``GuiderSession`` per trainer, made on the first step; each step hands it its conditioning): ComfyUI loads
-  the model, encodes SVD's conditioning and passes ``transformer_options`` (with our attention
-  controller for skip-interval K/V) to the attention patches; the clone always carries
-  ``with_attention_control``'s patches.
+  ``GuiderSession`` per trainer; each step hands it its conditioning), so ComfyUI loads the model
+  and passes ``transformer_options`` (with our attention controller) to the attention patches. On
+  a half-precision MODEL the clone computes in fp32 (``set_model_compute_dtype``); ``autocast_dtype``
+  runs the calls under autocast.
 - **Gradient checkpointing** wraps the UNet's highest non-container submodules (as ComfyUI's
-  ``TrainLoraNode`` does) in non-reentrant ``torch.utils.checkpoint``, through object patches on the
-  training clone. ``transformer_options`` is mutated while the UNet runs (``block``,
-  ``block_index``), so the recomputation in backward gets a copy of the dict as it was on entry.
+  ``TrainLoraNode`` does) in non-reentrant ``torch.utils.checkpoint`` while gradients are on,
+  through object patches on the clone. ``transformer_options`` is mutated while the UNet runs
+  (``block``, ``block_index``), so the recomputation in backward gets a copy of the dict as it was
+  on entry.
 
 A saved LoRA as a MODEL for other nodes (``comfy_lora_model``) goes through ComfyUI's stock
 ``comfy.sd.load_lora_for_models``, the code path of ``LoraLoaderModelOnly``, and refuses a file of
@@ -64,19 +57,17 @@ from typing import TYPE_CHECKING, Any
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sd
-import comfy.weight_adapter
-import comfy.weight_adapter.lora
 import torch
 import torch.utils.checkpoint
 
 from ...errors import LoRAError
 from ...host import sigma_scalar
-from ...lora.branch import exported_pairs, fitted_pairs
-from ...lora.file import LoRAPair, LoRAWeights, fitting_target_set, validate_rank
+from ...lora.branch import LoRABranch
+from ...lora.file import LoRAPair, LoRAWeights, fitting_target_set
 from ...lora.peft_init import init_lora_pairs
 from ...lora.targets import target_shapes
 from ...svd import SVDCond
-from .patches import check_svd_model, with_attention_control
+from .patches import check_svd_model, with_attention_control, with_lora_branch
 from .session import GuiderSession
 
 if TYPE_CHECKING:
@@ -84,13 +75,6 @@ if TYPE_CHECKING:
 
 PREFIX = "diffusion_model."
 _COND = "positive"
-
-
-def _make_train_adapter(pair: LoRAPair, device: torch.device) -> comfy.weight_adapter.lora.LoraDiff:
-    """A ComfyUI ``LoraDiff`` train adapter holding ``pair`` (fp32, on ``device``)."""
-    cls = comfy.weight_adapter.adapter_maps["LoRA"]
-    weights = (pair.up.float(), pair.down.float(), float(pair.alpha), None, None, None)
-    return cls(set(), weights).to_train().to(device)
 
 
 def replace_inference_tensors(model: torch.nn.Module) -> int:
@@ -133,13 +117,16 @@ def _highest_children(module: torch.nn.Module, prefix: str = "") -> Iterator[str
 
 
 def _checkpointed(forward: Callable) -> Callable:
-    """``forward`` under non-reentrant activation checkpointing, with dict arguments snapshotted.
+    """``forward`` under non-reentrant activation checkpointing while gradients are on, with dict
+    arguments snapshotted (without gradients it is ``forward`` itself).
 
     The first run gets the live arguments (their mutations behave as without checkpointing); the
     recomputation in backward gets fresh copies of the dicts as they were on entry.
     """
 
     def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
         snap_args = [dict(a) if isinstance(a, dict) else None for a in args]
         snap_kwargs = {k: dict(v) for k, v in kwargs.items() if isinstance(v, dict)}
         first = [True]
@@ -176,7 +163,8 @@ class _GradFlags:
 
 
 class ComfyLoRATrainer:
-    """A LoRA'd clone of a ComfyUI SVD host's MODEL (``host.LoRATrainable``); see the module doc."""
+    """A motion LoRA trained as a branch on a clone of a ComfyUI SVD host's MODEL (``host.LoRATrainable``);
+    see the module doc."""
 
     def __init__(
         self,
@@ -192,60 +180,43 @@ class ComfyLoRATrainer:
             raise LoRAError(f"LoRA dropout must lie in [0, 1), got {dropout}.")
         base = check_svd_model(host.patcher)
         shapes = target_shapes(base.model.diffusion_model, target_set, "comfy")
-        validate_rank(rank, shapes)
+        self.branch = LoRABranch(shapes, rank, target_set, base.load_device)
         self.rank, self.target_set, self.p = rank, target_set, float(dropout)
-        self._shapes = shapes
         self.autocast_dtype = autocast_dtype
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self._dropout_on = False
-        device = base.load_device
         with torch.inference_mode(False):
-            init = init_lora_pairs(shapes, rank, init_seed)
-            with torch.random.fork_rng(devices=[]):  # LoraDiff builds nn.Linear layers: keep RNG as is
-                self._adapters = {name: _make_train_adapter(init[name], device) for name in sorted(shapes)}
-        self._named: list[tuple[str, torch.nn.Parameter]] = []
-        for name, adapter in self._adapters.items():
-            adapter.requires_grad_(False)
-            for part in ("lora_down", "lora_up"):
-                param = getattr(adapter, part).weight
-                param.requires_grad_(True)
-                self._named.append((f"{name}.{part}", param))
+            self.load(init_lora_pairs(shapes, rank, init_seed))
+        for _, param in self.branch.named_trainable():
+            param.requires_grad_(True)
+        self.branch.on = True  # the branch is this trainer's alone: switched off only by hand
 
-        # The LoRA'd MODEL for inference: the user's patches plus our weight wrappers, nothing else.
-        self._plain = base.clone()
-        for name, adapter in self._adapters.items():
-            self._plain.add_weight_wrapper(f"{PREFIX}{name}.weight", adapter)
-        # The training clone: attention control, dropout correction, checkpointing, fp32 compute.
-        patcher = with_attention_control(self._plain)
-        if self.p > 0:
-            for name, adapter in self._adapters.items():
-                key = f"{PREFIX}{name}.forward"
-                patcher.add_object_patch(key, self._branch_dropout(patcher.get_model_object(key), adapter))
+        # The one clone: attention control, the LoRA branch, checkpointing, fp32 compute.
+        patcher = with_lora_branch(with_attention_control(base), self.branch)
         if self.gradient_checkpointing:
             for name in _highest_children(base.model.diffusion_model):
                 key = f"{PREFIX}{name}.forward"
                 patcher.add_object_patch(key, _checkpointed(patcher.get_model_object(key)))
         if base.model_dtype() != torch.float32:
-            patcher.set_model_compute_dtype(torch.float32)  # LoRA gradients in fp32, as the diffusers branch
+            patcher.set_model_compute_dtype(torch.float32)  # the base model's gradients in fp32 too
         self._grad_flags = _GradFlags()
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, self._grad_flags.restore)
         weakref.finalize(patcher, self._grad_flags.restore)
         self.patcher = patcher
         self.session: GuiderSession | None = None  # the training run's guider and sampler
+        self._base = host
         self._host: ComfySVDHost | None = None
-        self._clip_vision, self._vae = host.clip_vision, host.vae
-        self._host_type = type(host)  # ComfySVDHost, which imports this module
 
     # ---- LoRATrainable ---------------------------------------------------------------------------
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return self._named
+        return self.branch.named_trainable()
 
     def set_dropout(self, active: bool) -> None:
         self._dropout_on = bool(active)
 
     def fingerprint(self) -> str:
-        return self.host.fingerprint()
+        return self._base.fingerprint()
 
     def train_denoise(
         self, x: torch.Tensor, sigma: float, cond: SVDCond, transformer_options: dict[str, Any]
@@ -254,6 +225,7 @@ class ComfyLoRATrainer:
         cond.check(x)
         s = sigma_scalar(sigma)
         want_grad = torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+        self.branch.on, self.branch.dropout = True, (self.p if self._dropout_on else 0.0)
         with torch.inference_mode(False), torch.set_grad_enabled(want_grad):
             cond = replace(
                 cond, clip_embed=_plain_input(cond.clip_embed), concat_latent=_plain_input(cond.concat_latent)
@@ -269,41 +241,22 @@ class ComfyLoRATrainer:
 
     def export(self) -> dict[str, LoRAPair]:
         with torch.inference_mode(False):
-            layers = {n: (a.lora_down.weight, a.lora_up.weight) for n, a in self._adapters.items()}
-            return exported_pairs(layers, self.rank)
+            return self.branch.export()
 
     def load(self, modules: dict[str, LoRAPair]) -> None:
-        fitted = fitted_pairs(modules, self._shapes, self.rank, self.target_set)
-        with torch.inference_mode(False), torch.no_grad():
-            for name, (down, up) in fitted.items():
-                self._adapters[name].lora_down.weight.copy_(down)
-                self._adapters[name].lora_up.weight.copy_(up)
+        with torch.inference_mode(False):
+            self.branch.load(modules)
 
     # ---- inference -------------------------------------------------------------------------------
 
     @property
     def host(self) -> ComfySVDHost:
-        """A ComfySVDHost over the LoRA'd clone (live LoRA, never dropout; the user's MODEL untouched)."""
+        """A host of the LoRA as trained so far: this trainer's clone, branch on, never dropout (live)."""
         if self._host is None:
-            self._host = self._host_type(self._plain, self._clip_vision, self._vae)
+            self._host = self._base.training_host(self)
         return self._host
 
     # ---- internals -------------------------------------------------------------------------------
-
-    def _branch_dropout(self, forward: Callable, adapter: comfy.weight_adapter.lora.LoraDiff) -> Callable:
-        trainer, scale = self, float(adapter.alpha) / adapter.rank
-
-        def dropout_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            y = forward(x, *args, **kwargs)
-            if not trainer._dropout_on:
-                return y
-            down = adapter.lora_down.weight.to(x.dtype)
-            up = adapter.lora_up.weight.to(x.dtype)
-            branch = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * scale
-            dropped = torch.nn.functional.dropout(branch, trainer.p, training=True)
-            return y + (dropped - branch).to(y.dtype)
-
-        return dropout_forward
 
     def _make_trainable(self, model: torch.nn.Module) -> None:
         """Inference tensors → equal ordinary tensors, base weights without grad (see the module doc)."""
