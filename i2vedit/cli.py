@@ -23,7 +23,7 @@ from .io.files import atomic_write, writable_folder, write_text_atomic
 from .io.synthetic import DEMO_FRAMES, DEMO_SIZE, demo_video
 from .method.controller import PRESETS, MatchConfig
 from .method.inversion import MEMORY_MODES
-from .precision import DTYPES, resolve_dtypes
+from .precision import DTYPES, resolve_dtypes, resolve_weights_dtype
 from .run.pipeline import MAX_CFG, MAX_CHUNK, EditSettings
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ MAX_SIDE = 2048  # each side of --size; SVD was trained at 576×1024
 MAX_CLIP_PIXELS = 14 * 1152 * 2048  # frames per clip × height × width: SVD's 14 frames at twice its size
 MAX_NAME_BYTES = 200  # output file names are cut to this (plus a number and .mp4) to stay under 255
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells use
-DTYPE = torch.float32  # the command line holds all three models in float32
+DTYPE = torch.float32  # the command line's models compute in float32 (weights stored per --weights-dtype)
 
 
 def peak_memory_bytes() -> int | None:
@@ -260,19 +260,22 @@ def check_model_path(model: str | Path) -> Path:
     return p
 
 
-def load_diffusers_host(model: str | Path, dtype: torch.dtype = torch.float32):
+def load_diffusers_host(
+    model: str | Path, dtype: torch.dtype = torch.float32, weights_dtype: torch.dtype = torch.float32
+):
     """SVD from a diffusers folder (unet/, vae/, image_encoder/ as on the Hub) or an SGM single file
-    (``svd.safetensors`` / ``svd_xt.safetensors``), loaded from disk only."""
+    (``svd.safetensors`` / ``svd_xt.safetensors``), loaded from disk only; its weights stored in
+    ``weights_dtype`` (``store_weights``) before they move to the GPU."""
     p = check_model_path(model)
     if p.is_file():
         from .hosts.diffusers.single_file import load_single_file
 
-        return load_single_file(p, dtype=dtype)
+        return load_single_file(p, dtype=dtype, weights_dtype=weights_dtype)
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from safetensors import SafetensorError
     from transformers import CLIPVisionModelWithProjection
 
-    from .hosts.diffusers.host import DiffusersSVDHost
+    from .hosts.diffusers.host import DiffusersSVDHost, store_weights
 
     kw = {"local_files_only": True, "use_safetensors": True}
     parts = {}
@@ -292,8 +295,9 @@ def load_diffusers_host(model: str | Path, dtype: torch.dtype = torch.float32):
                 f"{_DOWNLOAD_HINT}."
             ) from e
     device = model_device()
-    unet, vae, clip = parts["unet"], parts["vae"], parts["image_encoder"]
-    return DiffusersSVDHost(unet.to(device, dtype), vae.to(device), clip.to(device), dtype=dtype)
+    unet, vae, clip = (store_weights(parts[sub], weights_dtype) for sub in ("unet", "vae", "image_encoder"))
+    return DiffusersSVDHost(unet.to(device, dtype), vae.to(device), clip.to(device), dtype=dtype,
+                            weights_dtype=weights_dtype)  # fmt: skip
 
 
 def model_device() -> torch.device:
@@ -440,7 +444,7 @@ def check_vram(args: argparse.Namespace, settings: EditSettings, frames: int, si
         edits=len(args.first_frame), train_hw=training_hw(h, w, settings), match=settings.match,
         decode_chunk=settings.decode_chunk, lora_rank=settings.lora_rank, skip_interval=settings.skip_interval,
         host=model_meta_host(args.model, DTYPE, DTYPE), count_flops=False, max_bytes=args.max_vram * GB,
-        low_memory=args.low_memory,
+        low_memory=args.low_memory, weights_dtype=DTYPES[settings.weights_dtype],
     )  # fmt: skip
 
 
@@ -548,6 +552,7 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     settings = EditSettings(
         chunk=args.chunk, steps=args.steps, match=match, mode=args.memory, lora_steps=args.lora_steps,
         seed=args.seed, cfg=(1.0, args.max_cfg), denoise_dtype=denoise_dtype, train_dtype=train_dtype,
+        weights_dtype=resolve_weights_dtype(args.weights_dtype, model_device()),
         region_feather=args.region_feather, colour_anchor=args.colour_anchor,
     )  # fmt: skip
     settings.validate()
@@ -566,7 +571,7 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     if args.region_lock not in (None, "auto"):
         region = _read_region(args.region_lock, n, h, w)
     check_vram(args, settings, n, size)
-    host = load_diffusers_host(args.model, DTYPE)
+    host = load_diffusers_host(args.model, DTYPE, DTYPES[settings.weights_dtype])
     if args.low_memory:
         host.low_memory()
     reuse = _reuse_dir(args)
@@ -643,6 +648,14 @@ def _float_in(lo: float, hi: float):
     return parse
 
 
+WEIGHTS_HELP = (
+    "how the UNet, VAE and image encoder store their weights: fp16 / bf16 take half the memory of fp32. Every "
+    "layer still computes in fp32 (diffusers' layerwise casting), the inversion too, so results are those of "
+    "fp32 on weights rounded to that dtype (norm layers stay fp32); the --dtype autocast applies on top. "
+    "auto: fp16 on a GPU, fp32 on the CPU"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m i2vedit",
@@ -694,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--train-dtype", choices=["auto", *DTYPES], default="auto",
                       help="motion LoRA training autocast dtype (the LoRA and AdamW state stay fp32); auto: as "
                       "--dtype. fp16 has no loss scaling: prefer bf16")  # fmt: skip
+    edit.add_argument("--weights-dtype", choices=["auto", *DTYPES], default="auto", help=WEIGHTS_HELP)
     edit.add_argument("--low-memory", action="store_true",
                       help="less GPU memory, a little slower: one CFG branch per UNet call and the VAE and "
                       "image encoder off the GPU while the UNet runs (same results)")  # fmt: skip
@@ -757,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument(
         "--train-dtype", choices=["auto", *DTYPES], default="auto", help="training dtype (as edit)"
     )
+    gpu.add_argument("--weights-dtype", choices=["auto", *DTYPES], default="auto",
+                     help="weights storage dtype (as edit)")  # fmt: skip
     gpu.add_argument("--low-memory", action="store_true", help="as edit --low-memory")
     return parser
 
@@ -794,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plan": bench.bench_plan,
                 "gpu": lambda: gpu.bench_gpu(args.tiny, args.device, None, args.chunk, args.clips, args.steps,
                                              args.lora_steps, None, args.dtype, args.train_dtype,
-                                             low_memory=args.low_memory),
+                                             low_memory=args.low_memory, weights_dtype=args.weights_dtype),
                 "memory": memory.bench_memory,
                 "scale": scale.bench_scale,
             }  # fmt: skip

@@ -1,9 +1,11 @@
 """Compute dtypes: which parts of a run may trade fp32 for bf16 / fp16, and how.
 
 The authors (method.md §3, §5.5, §7) invert in fp32, denoise in an fp16 pipeline under autocast, and
-train the LoRA with fp32 master weights under fp16 autocast. Here the model's weights stay as loaded
-(fp32 on the command line) and two choices, each ``fp32`` (default), ``bf16`` or ``fp16``, set a
-``torch.autocast`` region around the UNet's calls:
+train the LoRA with fp32 master weights under fp16 autocast. Here the model computes in fp32 whatever
+its weights are stored in (the command line's ``--weights-dtype``: fp16 / bf16 storage, each layer's
+weights cast to fp32 for its own forward, ``hosts.diffusers.host.store_weights``; so fp32 results on
+weights rounded to the storage dtype), and two choices, each ``fp32`` (default), ``bf16`` or ``fp16``,
+set a ``torch.autocast`` region around the UNet's calls:
 
 - the denoising dtype: matched denoising, with its source replay and skip-interval K/V replays;
 - the training dtype: the LoRA's forward and backward (its weights and AdamW state stay fp32).
@@ -55,6 +57,15 @@ def resolve_dtypes(dtype: str, train_dtype: str, device: torch.device | str) -> 
     ``default_dtype`` of the device for denoising, and the denoising dtype for training."""
     denoise = default_dtype(device) if dtype == "auto" else check_dtype(dtype)
     return denoise, denoise if train_dtype == "auto" else check_dtype(train_dtype)
+
+
+def resolve_weights_dtype(name: str, device: torch.device | str) -> DtypeName:
+    """The storage dtype of the command line's ``--weights-dtype``: ``auto`` is fp16 on a CUDA GPU (half
+    the memory; the layers still compute in fp32, so fp16's narrow range never holds an activation) and
+    fp32 elsewhere (a CPU has the memory, and fp32 keeps the results of before the choice existed)."""
+    if name == "auto":
+        return "fp16" if torch.device(device).type == "cuda" else "fp32"
+    return check_dtype(name, "weights dtype")
 
 
 def check_device(device: torch.device | str, name: str, what: str = "compute dtype") -> None:

@@ -106,3 +106,35 @@ def test_the_plan_of_the_tiny_model_passes_the_unet_as_the_method_does(tiny_meta
     assert stages["denoise"]["unet_rows"] == edits * (steps * 3 + (clips - 1) * steps * 6)
     assert all(stages[s]["unet_rows"] == 0 for s in ("encode", "condition", "decode"))
     assert all(s["flops"] > 0 and s["peak_bytes"] > sum(plan.weights_bytes.values()) for s in stages.values())
+
+
+def _cast_params(module: torch.nn.Module) -> int:
+    """Parameters layerwise casting stores in a reduced dtype, counted by hand: the weights and biases of
+    Linear, Conv and Embedding layers whose names do not say norm, pos_embed or patch_embed."""
+    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+    return sum(
+        p.numel()
+        for name, m in module.named_modules()
+        if isinstance(m, layers) and not any(k in name for k in ("norm", "pos_embed", "patch_embed"))
+        for p in m.parameters(recurse=False)
+    )
+
+
+def test_weights_stored_in_fp16_plan_two_bytes_less_per_stored_parameter(tiny_meta_host):
+    kw = {"match": None, "host": tiny_meta_host, "count_flops": False}
+    full = plan_edit(64, 64, 2, 2, 1, 1, **kw)
+    half = plan_edit(64, 64, 2, 2, 1, 1, weights_dtype=torch.float16, **kw)
+    cast = {n: _cast_params(getattr(tiny_meta_host, n)) for n in ("unet", "vae", "image_encoder")}
+    assert {n: full.weights_bytes[n] - half.weights_bytes[n] for n in cast} == {
+        n: 2 * c for n, c in cast.items()
+    }
+    assert half.weights_bytes["lora_branch"] == full.weights_bytes["lora_branch"]  # the LoRA stays fp32
+    # the calls are measured as they compute (fp32) either way: each stage's peak is less by the weights'
+    # difference, the UNet's alone where --low-memory keeps the VAE and image encoder off the device
+    for offload in (False, True):
+        for name, stage in half.stages(offload).items():
+            unet_only = offload and stage["unet_calls"] > 0
+            saved = 2 * (cast["unet"] if unet_only else sum(cast.values()))
+            assert full.stages(offload)[name]["peak_bytes"] - stage["peak_bytes"] == saved, (name, offload)
+    assert half.settings["weights_dtype"] == "float16" and "weights_dtype" not in full.settings
+    assert all(p.dtype == torch.float32 for p in tiny_meta_host.unet.parameters())  # the host is unchanged

@@ -13,10 +13,18 @@ import pytest
 import torch
 
 from i2vedit.errors import I2VEditError
+from i2vedit.hosts.diffusers.host import DiffusersSVDHost, store_weights
 from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 from i2vedit.lora.train import TrainConfig
 from i2vedit.method.attention import attention_probs, frame_thresholds, spatial_match
-from i2vedit.precision import autocast_region, check_device, default_dtype, resolve_dtypes
+from i2vedit.precision import (
+    DTYPES,
+    autocast_region,
+    check_device,
+    default_dtype,
+    resolve_dtypes,
+    resolve_weights_dtype,
+)
 from i2vedit.run.pipeline import EditSettings, edit_video
 from i2vedit.run.stages import train_clip_lora
 
@@ -56,8 +64,8 @@ def test_bf16_denoising_and_training_is_finite_close_to_fp32_and_repeats_for_a_s
     # bf16 keeps 8 significant bits (about 0.4 % per operation); through 3 steps of 2 clips of a random
     # UNet the frames differ from fp32 by a mean of about 0.004 and at most about 0.07 on a [0, 1] scale
     assert 0 < float(diff.mean()) < 0.02 and float(diff.max()) < 0.2
-    assert a.report["dtypes"] == {"denoise": "bf16", "train": "bf16"}
-    assert fp32_run.report["dtypes"] == {"denoise": "fp32", "train": "fp32"}
+    assert a.report["dtypes"] == {"weights": "fp32", "denoise": "bf16", "train": "bf16"}
+    assert fp32_run.report["dtypes"] == {"weights": "fp32", "denoise": "fp32", "train": "fp32"}
 
 
 def test_the_default_is_fp32_without_any_autocast_region(host, video, fp32_run):
@@ -142,3 +150,71 @@ def test_the_command_line_auto_dtype():
     assert resolve_dtypes("fp16", "fp32", torch.device("cpu")) == ("fp16", "fp32")
     if torch.cuda.is_available():
         assert default_dtype("cuda") in ("bf16", "fp16")
+
+
+# --- weights stored in fp16 / bf16 (issue 13) ------------------------------------------------------
+
+
+def _stored_host(dtype: torch.dtype) -> DiffusersSVDHost:
+    host = build_tiny_diffusers_host(seed=0)
+    unet, vae, clip = (store_weights(m, dtype) for m in (host.unet, host.vae, host.image_encoder))
+    return DiffusersSVDHost(unet, vae, clip, weights_dtype=dtype)
+
+
+# measured on the tiny model, 2 clips of 4 frames, 3 steps, 2 LoRA steps (mean, max over the frames on a
+# [0, 1] scale): fp16 weights 0.0006 / 0.013, bf16 weights 0.004 / 0.065
+@pytest.mark.parametrize(("name", "mean", "most"), [("fp16", 0.003, 0.05), ("bf16", 0.02, 0.2)])
+def test_weights_stored_in_half_precision_compute_in_fp32_close_to_fp32_weights(
+    video, fp32_run, name, mean, most
+):
+    dtype = DTYPES[name]
+    host = _stored_host(dtype)
+    stored = [p for p in host.unet.parameters() if p.dtype == dtype]
+    assert {p.dtype for p in host.unet.parameters()} == {dtype, torch.float32}
+    assert sum(p.numel() for p in stored) > 0.9 * sum(p.numel() for p in host.unet.parameters())
+    seen: list[torch.dtype] = []  # a stored layer's output: computed in fp32
+    handle = (
+        host.unet.down_blocks[0]
+        .attentions[0]
+        .proj_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    )
+    frames, edits = video
+    try:  # the LoRA trains with gradient checkpointing (the default), through stored convolutions
+        run = edit_video(
+            host, frames, 8.0, edits, EditSettings(**{**SETTINGS.__dict__, "weights_dtype": name})
+        )
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert all(p.dtype == dtype for p in stored)  # stored again after every call
+    assert host.lora_branch is not None
+    assert all(p.dtype == torch.float32 for _, p in host.lora_branch.named_trainable())
+    diff = (run.videos[0] - fp32_run.videos[0]).abs()
+    assert torch.isfinite(run.videos[0]).all() and 0 < float(diff.mean()) < mean and float(diff.max()) < most
+    assert run.report["dtypes"] == {"weights": name, "denoise": "fp32", "train": "fp32"}
+
+
+def test_stored_weights_have_their_own_reuse_identity_and_fp32_keeps_the_old_one():
+    half = EditSettings(**{**SETTINGS.__dict__, "weights_dtype": "fp16"})
+    assert half.identity()["weights_dtype"] == "fp16"
+    assert SETTINGS.identity() == {k: v for k, v in half.identity().items() if k != "weights_dtype"}
+    assert half.edit_identity() == SETTINGS.edit_identity()  # the folder's identity covers the edits
+    with pytest.raises(I2VEditError, match="weights dtype must be one of"):
+        EditSettings(weights_dtype="fp8").validate()  # type: ignore[arg-type]
+
+
+def test_fp32_storage_leaves_the_models_as_they_are(host):
+    assert all(store_weights(m, torch.float32) is m for m in (host.unet, host.vae, host.image_encoder))
+    assert not any(hasattr(m, "_diffusers_hook") for m in host.unet.modules())  # no casting hook anywhere
+    assert host.weights_dtype == torch.float32
+    assert {p.dtype for m in (host.unet, host.vae, host.image_encoder) for p in m.parameters()} == {
+        torch.float32
+    }
+
+
+def test_the_command_line_auto_weights_dtype():
+    assert resolve_weights_dtype("auto", "cpu") == "fp32"
+    assert resolve_weights_dtype("auto", torch.device("cuda")) == "fp16"  # by device type: no GPU needed
+    assert resolve_weights_dtype("bf16", "cpu") == "bf16"
+    with pytest.raises(I2VEditError, match="weights dtype must be one of"):
+        resolve_weights_dtype("int8", "cpu")

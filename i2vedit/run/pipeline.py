@@ -114,6 +114,9 @@ class EditSettings:
     # optimiser state and the matching scores stay fp32 whatever these say (``precision``)
     denoise_dtype: DtypeName = "fp32"
     train_dtype: DtypeName = "fp32"
+    # how the host stores its models' weights (they compute in fp32 whatever this is; the command line's
+    # --weights-dtype, ``DiffusersSVDHost.store_weights``): a run's inversions, LoRAs and edits depend on it
+    weights_dtype: DtypeName = "fp32"
     gradient_checkpointing: bool = True  # LoRA training recomputes in its backward: same LoRA, less memory
     region_feather: int = DEFAULT_FEATHER  # pixels a region lock fades over, inside its mask
     colour_anchor: bool = False  # hold each later clip's colours to the frame it continues from
@@ -160,6 +163,7 @@ class EditSettings:
         check_mode(self.mode)
         check_dtype(self.denoise_dtype, "denoising dtype")
         check_dtype(self.train_dtype, "LoRA training dtype")
+        check_dtype(self.weights_dtype, "weights dtype")
         if self.match is not None:
             self.match.validate()
         TrainConfig(rank=self.lora_rank, steps=max(self.lora_steps, 1), lr=self.lora_lr,
@@ -184,7 +188,7 @@ class EditSettings:
             "lora_steps": self.lora_steps, "lora_rank": self.lora_rank, "lora_lr": self.lora_lr,
             "lora_target_set": self.lora_target_set, "train_size": self.train_size, "seed": self.seed,
             "sarp": [self.sarp_noise, self.sarp_threshold], "inversion_fps_id": self.inversion_fps_id,
-            **_unless_fp32("train_dtype", self.train_dtype),
+            **_unless_fp32("train_dtype", self.train_dtype), **_unless_fp32("weights_dtype", self.weights_dtype),
         }  # fmt: skip
 
 
@@ -393,7 +397,7 @@ def edit_video(
         "frames": n, "clips": len(run.ranges), "clip_ranges": run.ranges, "edits": len(edits),
         "size": [height, width], "train_size": list(run.train_hw), "seconds": run.timer.seconds,
         "calls": run.timer.counts, "stored_bytes": run.stored, "edit_keys": run.keys, "warnings": run.store.warnings,
-        "dtypes": {"denoise": settings.denoise_dtype, "train": settings.train_dtype},
+        "dtypes": {"weights": settings.weights_dtype, "denoise": settings.denoise_dtype, "train": settings.train_dtype},
         "prepared_here": run.prepared_here,
     }  # fmt: skip
     result = EditResult([], [], report)

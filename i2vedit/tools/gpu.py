@@ -3,7 +3,7 @@
 For the day a GPU is at hand: it builds the full-size SVD (diffusers' default
 ``UNetSpatioTemporalConditionModel`` config, which is SVD's, the ``AutoencoderKLTemporalDecoder`` of
 SVD's VAE config and a CLIP ViT-H/14 image encoder) with random weights directly on the device, in
-fp32 as ``edit`` loads them, and runs ``run.pipeline.edit_video`` on a synthetic video of 2 clips (27 frames at 576×1024)
+fp32, stores them as ``edit --weights-dtype`` does (``auto``: fp16 on a GPU), and runs ``run.pipeline.edit_video`` on a synthetic video of 2 clips (27 frames at 576×1024)
 with the paper's settings: 25 steps, 250 motion-LoRA steps per clip at about 512×896, matching
 (``local``), skip-interval K/V, recompute mode; denoising and training in the device's ``auto`` dtype
 (bf16 on an H200). Each stage's seconds are the pipeline's own ``Timer``; its memory is the peak from
@@ -30,12 +30,12 @@ import torch
 
 from ..errors import I2VEditError
 from ..hosts.diffusers import tiny
-from ..hosts.diffusers.host import DiffusersSVDHost
+from ..hosts.diffusers.host import DiffusersSVDHost, store_weights
 from ..hosts.diffusers.plan import weights_bytes
 from ..hosts.diffusers.single_file import SVD_CLIP_CONFIG, SVD_VAE_CONFIG
 from ..io.synthetic import demo_video
 from ..method.controller import MatchConfig
-from ..precision import resolve_dtypes
+from ..precision import DTYPES, resolve_dtypes, resolve_weights_dtype
 from ..run.memtrack import AllocationTracker, track_allocations
 from ..run.pipeline import EditSettings, edit_video
 
@@ -103,11 +103,13 @@ def bench_gpu(
     train_dtype: str = "auto",
     seed: int = 0,
     low_memory: bool = False,
+    weights_dtype: str = "auto",
 ) -> dict[str, Any]:
     """Run the pipeline once on a synthetic ``clips``-clip video and report seconds and memory per stage.
 
     Defaults are the full-size run (``tiny_model=False``: needs a CUDA GPU). ``dtype`` / ``train_dtype``:
-    as ``edit``'s ``--dtype`` / ``--train-dtype`` (``precision.resolve_dtypes``); ``low_memory``: as
+    as ``edit``'s ``--dtype`` / ``--train-dtype`` (``precision.resolve_dtypes``); ``weights_dtype``: as its
+    ``--weights-dtype`` (``precision.resolve_weights_dtype``); ``low_memory``: as
     ``edit --low-memory`` (``DiffusersSVDHost.low_memory``).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -119,11 +121,13 @@ def bench_gpu(
     if clips < 1 or chunk < 2:
         raise I2VEditError(f"give at least 1 clip of at least 2 frames, got {clips} of {chunk}.")
     denoise, train = resolve_dtypes(dtype, train_dtype, dev)
+    weights = resolve_weights_dtype(weights_dtype, dev)
     height, width = size or (TINY_SIZE if tiny_model else FULL_SIZE)
     frames = clips * (chunk - 1) + 1  # clips overlap by one frame
     settings = EditSettings(
         chunk=chunk, steps=steps, match=MatchConfig.preset("local"), lora_steps=lora_steps,
         lora_rank=lora_rank or (4 if tiny_model else 32), seed=seed, denoise_dtype=denoise, train_dtype=train,
+        weights_dtype=weights,
     ).validate()  # fmt: skip
     video, edited = demo_video(frames, (height, width))
 
@@ -137,6 +141,11 @@ def bench_gpu(
             module.to(dev)
     else:
         host = build_full_host(dev)
+    if weights != "fp32":
+        unet, vae, clip = (
+            store_weights(m, DTYPES[weights]) for m in (host.unet, host.vae, host.image_encoder)
+        )
+        host = DiffusersSVDHost(unet, vae, clip, weights_dtype=DTYPES[weights])
     if low_memory:
         host.low_memory()
     build_seconds = time.perf_counter() - t0
@@ -168,7 +177,7 @@ def bench_gpu(
         "torch": torch.__version__,
         "video": {"frames": frames, "height": height, "width": width, "clips": result.report["clips"]},
         "settings": run_settings,
-        "dtypes": {"weights": "fp32", "inversion": "fp32", **result.report["dtypes"]},
+        "dtypes": {"inversion": "fp32", **result.report["dtypes"]},
         "memory_measure": "torch.cuda.max_memory_allocated per stage (weights included)"
         if dev.type == "cuda"
         else "peak tensor bytes per stage beyond the weights (i2vedit.run.memtrack)",

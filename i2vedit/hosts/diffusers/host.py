@@ -5,13 +5,15 @@ It runs the command line and lets CI exercise the whole method on a real model l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from diffusers import AutoencoderKLTemporalDecoder, ModelMixin, UNetSpatioTemporalConditionModel
+from diffusers.hooks import apply_layerwise_casting
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.utils.hooks import RemovableHandle
 from transformers import CLIPVisionModelWithProjection
@@ -32,6 +34,38 @@ LOW_MEMORY_ENCODE_CHUNK = 4  # frames per VAE encoder call in low-memory mode (â
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def store_weights(module: M, dtype: torch.dtype) -> M:
+    """``module`` with its weights stored in ``dtype`` (fp16 / bf16: half the bytes of fp32) and computed in
+    fp32: diffusers' layerwise casting gives each Linear, Conv and Embedding layer fp32 weights for its own
+    forward and stores them back after it, so a call computes in fp32 on weights rounded to ``dtype``.
+    Norm layers, layers named like ``norm`` / ``pos_embed`` / ``patch_embed`` and loose parameters (SVD's
+    blend factors, CLIP's class embedding) keep fp32. fp32: ``module`` unchanged. Apply once, to fp32
+    weights, before moving the module to the GPU (the fp32 copy then never reaches it)."""
+    if dtype == torch.float32:
+        return module
+    if isinstance(module, ModelMixin):  # the UNet and VAE, with their classes' skip patterns (none for SVD)
+        module.enable_layerwise_casting(storage_dtype=dtype, compute_dtype=torch.float32)
+    else:  # the transformers image encoder: diffusers' default skip patterns
+        apply_layerwise_casting(module, dtype, torch.float32)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.conv._ConvNd) and layer.weight.dtype == dtype:
+            layer._conv_forward = functools.partial(_conv_on_view, layer._conv_forward)  # type: ignore[method-assign]
+    return module
+
+
+def _conv_on_view(conv_forward: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """A stored convolution's forward on a view of its weight. Layerwise casting swaps a layer's weight in
+    place (``param.data``) to fp32 for the forward and back after it; a convolution's autograd node saves
+    the parameter itself, so its backward (LoRA training) would find the stored dtype again ("expected
+    scalar type Float but found Half"; a checkpointed block's recompute fails its metadata check). The
+    node saves the view instead, which keeps the fp32 copy until the backward, as a Linear's transposed
+    weight does."""
+    return conv_forward(x, weight.view_as(weight), bias)
+
 
 class DiffusersSVDHost:
     """SVD through diffusers modules; see ``i2vedit.host`` for the protocol's conventions."""
@@ -51,7 +85,10 @@ class DiffusersSVDHost:
         dtype: torch.dtype = torch.float32,
         clip_mean: Sequence[float] = CLIP_MEAN,
         clip_std: Sequence[float] = CLIP_STD,
+        weights_dtype: torch.dtype = torch.float32,
     ) -> None:
+        """``dtype``: what the UNet takes and computes in; ``weights_dtype``: how the three models' weights
+        were stored by ``store_weights`` (fp32: as built), recorded for the run's report and reuse folder."""
         if not isinstance(unet, UNetSpatioTemporalConditionModel):
             raise I2VEditError(
                 f"the diffusers host needs a UNetSpatioTemporalConditionModel (SVD), got {type(unet).__name__}."
@@ -60,7 +97,11 @@ class DiffusersSVDHost:
         self.unet, self.vae, self.image_encoder = (
             m.eval().requires_grad_(False) for m in (unet, vae, image_encoder)
         )
-        self.dtype = dtype
+        if weights_dtype != torch.float32 and dtype != torch.float32:
+            raise I2VEditError(
+                f"weights stored in {weights_dtype} compute in float32 (store_weights), not {dtype}."
+            )
+        self.dtype, self.weights_dtype = dtype, weights_dtype
         self.clip_mean = torch.tensor(clip_mean).view(1, 3, 1, 1)
         self.clip_std = torch.tensor(clip_std).view(1, 3, 1, 1)
         install_attention_control(self.unet)
@@ -233,6 +274,12 @@ class DiffusersSVDHost:
             raise I2VEditError(f"expected IMAGE frames (N, H, W, 3), got {tuple(images.shape)}.")
         return images.to(self.device, torch.float32).permute(0, 3, 1, 2)
 
+    def _input_dtype(self, module: torch.nn.Module) -> torch.dtype:
+        """The dtype ``module`` (the VAE or image encoder) computes in: fp32 for stored weights, else its weights'."""
+        if self.weights_dtype != torch.float32:
+            return torch.float32
+        return next(module.parameters()).dtype
+
     @torch.no_grad()
     def encode_clip(self, images: torch.Tensor) -> torch.Tensor:
         px = self._pixels(images)
@@ -241,7 +288,7 @@ class DiffusersSVDHost:
             0, 1
         )
         px = (px - self.clip_mean.to(px.device)) / self.clip_std.to(px.device)
-        enc_dtype = next(self.image_encoder.parameters()).dtype
+        enc_dtype = self._input_dtype(self.image_encoder)
         with self._resident(self.image_encoder):
             embeds = self.image_encoder(pixel_values=px.to(enc_dtype)).image_embeds
         return embeds.float().unsqueeze(1)
@@ -250,7 +297,7 @@ class DiffusersSVDHost:
     def vae_encode(
         self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        px = (self._pixels(images) * 2.0 - 1.0).to(next(self.vae.parameters()).dtype)
+        px = (self._pixels(images) * 2.0 - 1.0).to(self._input_dtype(self.vae))
         n = self.owner().encode_chunk or px.shape[0]
         with self._resident(self.vae):
             dists = [self.vae.encode(px[i : i + n]).latent_dist for i in range(0, px.shape[0], n)]
@@ -266,7 +313,7 @@ class DiffusersSVDHost:
     def vae_decode(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         if chunk < 1:
             raise I2VEditError(f"decode chunk must be at least 1 frame, got {chunk}.")
-        vae_dtype = next(self.vae.parameters()).dtype
+        vae_dtype = self._input_dtype(self.vae)
         frames = []
         with self._resident(self.vae):
             for start in range(0, latents.shape[0], chunk):
@@ -282,12 +329,8 @@ class _OnBase(DiffusersSVDHost):
 
     def __init__(self, base: DiffusersSVDHost) -> None:
         self.base = base
-        self.unet, self.vae, self.image_encoder, self.dtype = (
-            base.unet,
-            base.vae,
-            base.image_encoder,
-            base.dtype,
-        )
+        self.unet, self.vae, self.image_encoder = base.unet, base.vae, base.image_encoder
+        self.dtype, self.weights_dtype = base.dtype, base.weights_dtype
         self.clip_mean, self.clip_std = base.clip_mean, base.clip_std
 
     def owner(self) -> DiffusersSVDHost:

@@ -10,7 +10,10 @@ first clip and for a later clip (skip-interval K/V, which replays the first clip
 runs under ``FlopCounterMode`` (FLOPs), ``run.memtrack.track_allocations`` (peak bytes beyond what
 existed before the call) and a UNet forward hook (passes, batch rows); counts (steps, LoRA steps,
 clips) multiply them. Weights are added per stage: all three models stay on the device, as the
-pipeline keeps them.
+pipeline keeps them. A run that stores its weights in fp16 / bf16 (``store_weights``, ``weights_dtype``)
+is measured on fp32 weights, as its layers compute, and counts its weights at their stored bytes; not
+counted then: the fp32 copy of the layer computing now (at most 0.12 GB at full size) and, in LoRA
+training, the fp32 copies of the layers outside checkpointed blocks kept for the backward (0.23 GB).
 
 On ``meta``, torch's attention would take its math path and materialise every score; a GPU runs a
 fused kernel, so ``scaled_dot_product_attention`` on meta tensors is sized as the fused
@@ -34,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from diffusers import AutoencoderKLTemporalDecoder, ModelMixin, UNetSpatioTemporalConditionModel
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -51,7 +54,7 @@ from ...method.skip_interval import EditKV, SourceKV
 from ...run.memtrack import AllocationTracker, track_allocations
 from ...run.stages import edit_conditioning, encode_source
 from ...svd import LATENT_SCALE, TimeIds
-from .host import DiffusersSVDHost
+from .host import DiffusersSVDHost, store_weights
 from .single_file import SVD_CLIP_CONFIG, SVD_VAE_CONFIG
 
 GB = 10**9
@@ -223,6 +226,19 @@ def weights_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+def stored_weights_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """``weights_bytes`` of ``module`` (fp32) once ``store_weights`` stores it in ``dtype``: worked out on a new
+    meta build of its class and config, so ``module`` keeps its fp32 weights for the plan's calls."""
+    if dtype == torch.float32:
+        return weights_bytes(module)
+    config = module.config
+    if isinstance(module, ModelMixin):
+        copy = _build(lambda: type(module).from_config(config), torch.float32)
+    else:
+        copy = _build(lambda: type(module)(config), torch.float32)
+    return weights_bytes(store_weights(copy, dtype))
+
+
 @contextmanager
 def counting(count_flops: bool = True) -> Iterator[tuple[FlopCounterMode, AllocationTracker]]:
     """What the block computes (FLOPs; 0 unless ``count_flops``) and allocates (``AllocationTracker``),
@@ -298,6 +314,7 @@ def plan_edit(
     count_flops: bool = True,
     max_bytes: float | None = None,
     low_memory: bool = False,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> EditPlan:
     """The plan of ``edit_video`` (recompute mode, CFG, LoRA training with gradient checkpointing) for
     ``clips`` clips of ``frames`` frames at ``height``×``width``; ``host`` (its dtypes rule) defaults to
@@ -307,7 +324,8 @@ def plan_edit(
     ``count_flops=False``: peaks only (FLOPs 0, about a quarter faster); ``max_bytes``: ``check_budget``
     after each call, so a run that does not fit is refused at its first stage over the budget.
     ``low_memory``: the run of ``DiffusersSVDHost.low_memory`` (one conditioning per UNet call, the VAE
-    and image encoder off the device while the UNet runs)."""
+    and image encoder off the device while the UNet runs). ``weights_dtype``: the run stores the weights of
+    ``host``'s fp32 models in this dtype (``store_weights``): they count at their stored bytes."""
     host = host or meta_host(dtype, aux_dtype)
     if host.device != META:
         raise I2VEditError("a plan runs on a host whose models are on the meta device (meta_host).")
@@ -327,8 +345,10 @@ def plan_edit(
             later = clips - 1
             skip = skip_interval and later > 0
             g = torch.Generator().manual_seed(0)
-            weights = {"unet": weights_bytes(host.unet), "vae": weights_bytes(host.vae),
-                       "image_encoder": weights_bytes(host.image_encoder)}  # fmt: skip
+            if weights_dtype != torch.float32 and (dtype != torch.float32 or aux_dtype != torch.float32):
+                raise I2VEditError("stored weights compute in float32: plan them on a float32 meta host.")
+            weights = {name: stored_weights_bytes(getattr(host, name), weights_dtype)
+                       for name in ("unet", "vae", "image_encoder")}  # fmt: skip
             shapes = target_shapes(host.unet, "temporal", "diffusers")
             lora_bytes = sum((o + i) * lora_rank * 4 for o, i in shapes.values()) if lora_steps > 0 else 0
             if lora_bytes:
@@ -338,7 +358,9 @@ def plan_edit(
                              "clips": clips, "edits": edits, "train_size": list(train_hw), "matching": match is not None,
                              "decode_chunk": decode_chunk, "lora_rank": lora_rank, "skip_interval": skip,
                              "dtype": str(dtype).removeprefix("torch."), "vae_clip_dtype": str(aux_dtype).removeprefix("torch."),
-                             "memory_mode": "recompute", "gradient_checkpointing": True, "low_memory": low_memory},
+                             "memory_mode": "recompute", "gradient_checkpointing": True, "low_memory": low_memory,
+                             **({"weights_dtype": str(weights_dtype).removeprefix("torch.")}
+                                if weights_dtype != torch.float32 else {})},
                             weights)  # fmt: skip
 
             unet_only = weights["unet"] + weights.get("lora_branch", 0)
@@ -485,7 +507,10 @@ def check_budget(plan: EditPlan, max_bytes: float) -> None:
             raise I2VEditError(
                 f"the {name} stage needs about {stage['peak_bytes'] / GB:.3g} GB of GPU memory at "
                 f"{s['height']}×{s['width']}, {s['frames']} frames per clip (training at "
-                f"{s['train_size'][0]}×{s['train_size'][1]}, UNet {s['dtype']}), over --max-vram "
+                f"{s['train_size'][0]}×{s['train_size'][1]}, UNet {s['dtype']}"
+                f"{', weights stored in ' + s['weights_dtype'] if 'weights_dtype' in s else ''}), over --max-vram "
                 f"{max_bytes / GB:g} GB; use {ADVICE.get(name, 'a smaller --size')}"
-                f"{'' if s.get('low_memory') else ', or --low-memory'}. Nothing was computed."
+                f"{'' if s.get('low_memory') else ', or --low-memory'}"
+                f"{'' if 'weights_dtype' in s or s['dtype'] != 'float32' else ', or --weights-dtype fp16'}. "
+                "Nothing was computed."
             )

@@ -635,19 +635,21 @@ def load_single_file(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> DiffusersSVDHost:
     """A ``DiffusersSVDHost`` from an SGM single-file SVD checkpoint (``svd.safetensors``, ``svd_xt``).
 
     Reads with safetensors only; the UNet is held in ``dtype``, the VAE and image encoder in
-    float32 (as ``cli.load_diffusers_host`` does for a diffusers folder); ``device`` defaults to
-    CUDA when available. Models are built on the meta device and take the file's tensors, so the
+    float32 (as ``cli.load_diffusers_host`` does for a diffusers folder), all three stored in
+    ``weights_dtype`` (``store_weights``: computing in fp32) before they move to ``device``, which
+    defaults to CUDA when available. Models are built on the meta device and take the file's tensors, so the
     weights are in memory once. Raises ``ModelFileError`` / ``NotSVDModelError`` saying what is
     wrong for an unreadable, pickle, non-SVD, partial or mismatched file.
     """
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .host import DiffusersSVDHost
+    from .host import DiffusersSVDHost, store_weights
 
     p = Path(path)
     shapes, meta = _open_header(p)
@@ -679,7 +681,7 @@ def load_single_file(
             _load_strict(clip, clip_sd, lambda k: _clip_file_name(k, hf_format), "image encoder", p)
             _fill_meta_buffers(clip, "image encoder")
             del clip_sd
-            clip = clip.to(dev)
+            clip = store_weights(clip, weights_dtype).to(dev)
 
             # VAE
             vae_sgm = _read(f, keys(VAE_PREFIX), VAE_PREFIX, torch.float32, on_cpu)
@@ -698,7 +700,7 @@ def load_single_file(
             _load_strict(vae, vae_sd, vae_name, "VAE", p)
             _fill_meta_buffers(vae, "VAE")
             del vae_sd
-            vae = vae.to(dev)
+            vae = store_weights(vae, weights_dtype).to(dev)
 
             # UNet
             unet_sgm = _read(f, keys(UNET_PREFIX), UNET_PREFIX, dtype, on_cpu)
@@ -716,7 +718,7 @@ def load_single_file(
             _load_strict(unet, unet_sd, unet_name, "UNet", p)
             _fill_meta_buffers(unet, "UNet")
             del unet_sd
-            unet = unet.to(dev)
+            unet = store_weights(unet, weights_dtype).to(dev)
     except KeyError as e:
         raise ModelFileError(
             f"{p} lacks the tensor {e.args[0]}, which an SVD checkpoint has; the file is incomplete. " + _HELP
@@ -733,4 +735,4 @@ def load_single_file(
             f"{p} holds tensors of shapes no SVD checkpoint has ({type(e).__name__}: {e}); the file is damaged "
             "or was changed by another tool. " + _HELP
         ) from e
-    return DiffusersSVDHost(unet, vae, clip, dtype=dtype)
+    return DiffusersSVDHost(unet, vae, clip, dtype=dtype, weights_dtype=weights_dtype)
