@@ -233,9 +233,14 @@ class AttentionController:
         return out
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(
-            device=self.store_device or t.device, dtype=self.store_dtype or t.dtype, copy=True
-        )
+        """``t`` kept past its layer: the tensor itself when it is all of its storage and stays where and
+        what it is (the hosts never write a layer's q, k, v or our probabilities after the call), else a copy
+        (a chunk of a batched call would otherwise hold the whole batch)."""
+        device, dtype = torch.device(self.store_device or t.device), self.store_dtype or t.dtype
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if whole and t.device == device and t.dtype == dtype:
+            return t.detach()
+        return t.detach().to(device=device, dtype=dtype, copy=True)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         rows = q.shape[0] // len(call.chunks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,14 +81,17 @@ def _cond(seed: int, hw: tuple[int, int]) -> SVDCond:
     )
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _median_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each call, the calls interleaved (one of each per round, after a warm-up
+    round), so that a change of load on a shared machine weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rnd in range(reps + 1):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if rnd:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _plain_step(clip: MatchedClip, x: torch.Tensor):
@@ -115,8 +119,8 @@ def bench_real_tokens(frames: int = 4, latent_hw: tuple[int, int] = FULL_HW, rep
     inv = invert(host, z, _cond(1, latent_hw), steps=3)
     clip = MatchedClip(host, inv, _cond(2, latent_hw))
     x = inv.x_T.clone()
-    plain = _median_time(_plain_step(clip, x), reps)
-    matched = _median_time(lambda: clip.denoised(0, x), reps)
+    t = _median_times({"plain": _plain_step(clip, x), "matched": lambda: clip.denoised(0, x)}, reps)
+    plain, matched = t["plain"], t["matched"]
     return {
         "frames": frames,
         "latent_hw": list(latent_hw),
@@ -167,16 +171,21 @@ def bench_attention(
 
     # --- step times on the tiny model ----------------------------------------------------------------
     x = inv.x_T.clone()
-    times = {"plain": _median_time(_plain_step(clip1, x), reps)}
-    for k in (0, steps // 2, steps - 1):  # stage 1, stage 2, stage 3 of the temporal schedule
-        times[f"recompute_{k}"] = _median_time(lambda k=k: clip1.denoised(k, x), reps)
-        times[f"cache_{k}"] = _median_time(lambda k=k: clip1c.denoised(k, x), reps)
-    rec = statistics.mean(times[f"recompute_{k}"] for k in (0, steps // 2, steps - 1))
-    cac = statistics.mean(times[f"cache_{k}"] for k in (0, steps // 2, steps - 1))
-    inv2 = invert(host, z[: frames // 2], src, steps=steps, skip_kv=SourceKV(host, inv))
+    z2 = torch.randn(frames, 4, *latent_hw, generator=g)  # a later clip of as many frames as the first
+    inv2 = invert(host, z2, src, steps=steps, skip_kv=SourceKV(host, inv))
     clip2 = MatchedClip(host, inv2, edit, skip_kv=EditKV(clip1, res1))
     x2 = inv2.x_T.clone()
-    skip = statistics.mean(_median_time(lambda k=k: clip2.denoised(k, x2), reps) for k in (0, steps - 1))
+    staged = (0, steps // 2, steps - 1)  # stage 1, stage 2, stage 3 of the temporal schedule
+    calls: dict[str, Callable[[], object]] = {"plain": _plain_step(clip1, x)}
+    for k in staged:
+        calls[f"recompute_{k}"] = lambda k=k: clip1.denoised(k, x)
+        calls[f"cache_{k}"] = lambda k=k: clip1c.denoised(k, x)
+    for k in (0, steps - 1):
+        calls[f"skip_{k}"] = lambda k=k: clip2.denoised(k, x2)
+    times = _median_times(calls, reps)
+    rec = statistics.mean(times[f"recompute_{k}"] for k in staged)
+    cac = statistics.mean(times[f"cache_{k}"] for k in staged)
+    skip = statistics.mean(times[f"skip_{k}"] for k in (0, steps - 1))
 
     # --- peak extra memory of the largest spatial layer, full size, meta device ---------------------
     big = max(full, key=lambda lay: lay.tokens * lay.channels)
@@ -213,7 +222,13 @@ def bench_attention(
         "matched_over_plain_step_time_cache_mode": cac / times["plain"],
         "matched_over_plain_step_time_skip_interval_clip": skip / times["plain"],
         "plain_step_seconds_tiny_cpu": times["plain"],
-        "tiny_step_setup": {"frames": frames, "latent_hw": list(latent_hw), "reps": reps, "median": True},
+        "tiny_step_setup": {
+            "frames": frames,
+            "latent_hw": list(latent_hw),
+            "reps": reps,
+            "median": True,
+            "interleaved": True,
+        },
         "peak_extra_bytes_spatial_layer": chunked.peak_bytes,
         "peak_extra_bytes_spatial_layer_reference_path": reference.peak_bytes,
         "spatial_layer": {
