@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -178,10 +179,10 @@ def bench_attention(
     staged = (0, steps // 2, steps - 1)  # stage 1, stage 2, stage 3 of the temporal schedule
     calls: dict[str, Callable[[], object]] = {"plain": _plain_step(clip1, x)}
     for k in staged:
-        calls[f"recompute_{k}"] = lambda k=k: clip1.denoised(k, x)
-        calls[f"cache_{k}"] = lambda k=k: clip1c.denoised(k, x)
+        calls[f"recompute_{k}"] = partial(clip1.denoised, k, x)
+        calls[f"cache_{k}"] = partial(clip1c.denoised, k, x)
     for k in (0, steps - 1):
-        calls[f"skip_{k}"] = lambda k=k: clip2.denoised(k, x2)
+        calls[f"skip_{k}"] = partial(clip2.denoised, k, x2)
     times = _median_times(calls, reps)
     rec = statistics.mean(times[f"recompute_{k}"] for k in staged)
     cac = statistics.mean(times[f"cache_{k}"] for k in staged)
