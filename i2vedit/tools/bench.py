@@ -95,6 +95,14 @@ def _median_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _three_rows(clip: MatchedClip, x: torch.Tensor, source: SVDCond):
+    """One UNet call of three rows (source, uncond, cond): what a matched step's model work costs at least,
+    on this machine, whatever the matching costs (the floor of any design with a source replay)."""
+    uncond = clip.uncond
+    assert uncond is not None
+    return lambda: clip.host.denoise(x, 10.1, [source, uncond, clip.cond])
+
+
 def _plain_step(clip: MatchedClip, x: torch.Tensor):
     """One CFG step of ``clip``'s edit branch at ``x`` without matching: what a matched step is measured against."""
     uncond, cfg = clip.uncond, clip.cfg
@@ -117,10 +125,16 @@ def bench_real_tokens(frames: int = 4, latent_hw: tuple[int, int] = FULL_HW, rep
     torch.manual_seed(0)
     host = tiny.sharpen_self_attention(tiny.build_tiny_diffusers_host(seed=0))
     z = torch.randn(frames, 4, *latent_hw, generator=torch.Generator().manual_seed(1))
-    inv = invert(host, z, _cond(1, latent_hw), steps=3)
+    source = _cond(1, latent_hw)
+    inv = invert(host, z, source, steps=3)
     clip = MatchedClip(host, inv, _cond(2, latent_hw))
     x = inv.x_T.clone()
-    t = _median_times({"plain": _plain_step(clip, x), "matched": lambda: clip.denoised(0, x)}, reps)
+    calls = {
+        "plain": _plain_step(clip, x),
+        "matched": lambda: clip.denoised(0, x),
+        "three": _three_rows(clip, x, source),
+    }
+    t = _median_times(calls, reps)
     plain, matched = t["plain"], t["matched"]
     return {
         "frames": frames,
@@ -129,6 +143,7 @@ def bench_real_tokens(frames: int = 4, latent_hw: tuple[int, int] = FULL_HW, rep
         "plain_step_seconds": plain,
         "matched_step_seconds_recompute": matched,
         "matched_over_plain_step_time": matched / plain,
+        "three_row_call_over_plain_step_time": t["three"] / plain,
     }
 
 
@@ -177,7 +192,10 @@ def bench_attention(
     clip2 = MatchedClip(host, inv2, edit, skip_kv=EditKV(clip1, res1))
     x2 = inv2.x_T.clone()
     staged = (0, steps // 2, steps - 1)  # stage 1, stage 2, stage 3 of the temporal schedule
-    calls: dict[str, Callable[[], object]] = {"plain": _plain_step(clip1, x)}
+    calls: dict[str, Callable[[], object]] = {
+        "plain": _plain_step(clip1, x),
+        "three": _three_rows(clip1, x, src),
+    }
     for k in staged:
         calls[f"recompute_{k}"] = partial(clip1.denoised, k, x)
         calls[f"cache_{k}"] = partial(clip1c.denoised, k, x)
@@ -221,6 +239,7 @@ def bench_attention(
         "tiny_run_bytes_checked": {"recompute": held_recompute, "cache": held_cache},
         "matched_over_plain_step_time": rec / times["plain"],
         "matched_over_plain_step_time_cache_mode": cac / times["plain"],
+        "three_row_call_over_plain_step_time": times["three"] / times["plain"],
         "matched_over_plain_step_time_skip_interval_clip": skip / times["plain"],
         "plain_step_seconds_tiny_cpu": times["plain"],
         "tiny_step_setup": {
