@@ -170,7 +170,7 @@ class ComfySVDHost:
     @torch.no_grad()
     def encode_clip(self, images: torch.Tensor) -> torch.Tensor:
         clip = self._need("CLIP_VISION", self.clip_vision)
-        return clip.encode_image(images[..., :3]).image_embeds.float().unsqueeze(1).cpu()
+        return clip.encode_image(images[..., :3].contiguous()).image_embeds.float().unsqueeze(1).cpu()
 
     @torch.no_grad()
     def vae_encode(
@@ -178,11 +178,11 @@ class ComfySVDHost:
     ) -> torch.Tensor:
         vae = self._need("VAE", self.vae)
         if not sample:
-            return vae.encode(images[..., :3]).float().cpu()
+            return vae.encode(images[..., :3].contiguous()).float().cpu()  # one layout, as in vae_decode
         # ComfyUI's VAE returns the posterior mode; a seeded sample needs the moments themselves.
         comfy.model_management.load_models_gpu([vae.patcher])
         engine = vae.first_stage_model
-        px = vae.process_input(images[..., :3].movedim(-1, 1)).to(vae.device, vae.vae_dtype)
+        px = vae.process_input(images[..., :3].contiguous().movedim(-1, 1)).to(vae.device, vae.vae_dtype)
         moments = engine.encoder(px)
         if getattr(engine, "quant_conv", None) is not None:
             moments = engine.quant_conv(moments)
@@ -195,7 +195,11 @@ class ComfySVDHost:
         vae = self._need("VAE", self.vae)
         if chunk < 1:
             raise I2VEditError(f"decode chunk must be at least 1 frame, got {chunk}.")
-        parts = [vae.decode(latents[i : i + chunk]).float().cpu() for i in range(0, latents.shape[0], chunk)]
+        # one memory layout whatever made the latent: the conv kernels (and so the last bits) depend on it
+        parts = [
+            vae.decode(latents[i : i + chunk].contiguous()).float().cpu()
+            for i in range(0, latents.shape[0], chunk)
+        ]
         return torch.cat(parts).clamp(0, 1)
 
 
