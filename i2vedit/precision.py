@@ -68,6 +68,21 @@ def resolve_weights_dtype(name: str, device: torch.device | str) -> DtypeName:
     return check_dtype(name, "weights dtype")
 
 
+def check_stored_weights(stored: torch.dtype | None, name: DtypeName) -> None:
+    """Refuse a run whose settings name another weights dtype (``EditSettings.weights_dtype``) than the one
+    its host stores its weights in (``stored``; None: the host keeps them as its application loaded them,
+    as ComfyUI's MODEL does). The name goes into the reuse folder's identity, and the model fingerprint
+    cannot tell an fp16 copy of a checkpoint from its fp32 one: a wrong name would let a later run take
+    inversions and LoRAs made from other weights."""
+    if stored is None or stored == DTYPES[name]:
+        return
+    have = next((k for k, v in DTYPES.items() if v == stored), str(stored).removeprefix("torch."))
+    raise I2VEditError(
+        f"the settings say weights_dtype={name!r} but the model's weights are stored in {have}: set "
+        f"weights_dtype={have!r} (the command line's --weights-dtype sets both)."
+    )
+
+
 def check_device(device: torch.device | str, name: str, what: str = "compute dtype") -> None:
     """Refuse a reduced dtype on a device torch cannot autocast; warn that it is slow on a CPU."""
     dev = torch.device(device)

@@ -218,3 +218,18 @@ def test_the_command_line_auto_weights_dtype():
     assert resolve_weights_dtype("bf16", "cpu") == "bf16"
     with pytest.raises(I2VEditError, match="weights dtype must be one of"):
         resolve_weights_dtype("int8", "cpu")
+
+
+def test_settings_naming_other_stored_weights_than_the_hosts_are_refused_before_any_compute(video):
+    host = _stored_host(torch.float16)
+    frames, edits = video
+    calls = []
+    handle = host.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(
+            I2VEditError, match=r"weights_dtype='fp32' but the model's weights are stored in fp16"
+        ):
+            edit_video(host, frames, 8.0, edits, SETTINGS)  # the fingerprint alone cannot tell fp16 from fp32
+    finally:
+        handle.remove()
+    assert not calls

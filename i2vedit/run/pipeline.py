@@ -54,7 +54,7 @@ from ..method.matching import MatchedClip, MatchedResult
 from ..method.region import DEFAULT_FEATHER, RegionLock, RegionTracker, check_region, composite, region_frames
 from ..method.sarp import sarp
 from ..method.skip_interval import SkipInterval
-from ..precision import DtypeName, autocast_dtype, check_device, check_dtype
+from ..precision import DtypeName, autocast_dtype, check_device, check_dtype, check_stored_weights
 from ..seeds import Purpose, derived_seed, generator, train_seed
 from ..svd import LATENT_SCALE
 from .reuse import ReuseFolder, ReuseStore, Span, chain_key, edit_key
@@ -472,6 +472,8 @@ class _Run:
         check_size(*train_hw)
         check_device(host.device, settings.denoise_dtype, "denoising dtype")
         check_device(host.device, settings.train_dtype, "LoRA training dtype")
+        stored = getattr(host, "weights_dtype", None)  # said by the hosts that choose it (diffusers)
+        check_stored_weights(stored, settings.weights_dtype)
         fingerprint = host.fingerprint()
         folder = None
         if reuse_dir is not None:
