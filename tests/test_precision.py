@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from i2vedit.errors import I2VEditError
-from i2vedit.hosts.diffusers.host import DiffusersSVDHost, store_weights
+from i2vedit.hosts.diffusers.host import DiffusersSVDHost, store_weights, with_stored_weights
 from i2vedit.hosts.diffusers.tiny import build_tiny_diffusers_host
 from i2vedit.lora.train import TrainConfig
 from i2vedit.method.attention import attention_probs, frame_thresholds, spatial_match
@@ -156,9 +156,7 @@ def test_the_command_line_auto_dtype():
 
 
 def _stored_host(dtype: torch.dtype) -> DiffusersSVDHost:
-    host = build_tiny_diffusers_host(seed=0)
-    unet, vae, clip = (store_weights(m, dtype) for m in (host.unet, host.vae, host.image_encoder))
-    return DiffusersSVDHost(unet, vae, clip, weights_dtype=dtype)
+    return with_stored_weights(build_tiny_diffusers_host(seed=0), dtype)
 
 
 # measured on the tiny model, 2 clips of 4 frames, 3 steps, 2 LoRA steps (mean, max over the frames on a

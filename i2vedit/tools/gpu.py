@@ -30,7 +30,7 @@ import torch
 
 from ..errors import I2VEditError
 from ..hosts.diffusers import tiny
-from ..hosts.diffusers.host import DiffusersSVDHost, store_weights
+from ..hosts.diffusers.host import DiffusersSVDHost, with_stored_weights
 from ..hosts.diffusers.plan import weights_bytes
 from ..hosts.diffusers.single_file import SVD_CLIP_CONFIG, SVD_VAE_CONFIG
 from ..io.synthetic import demo_video
@@ -141,11 +141,7 @@ def bench_gpu(
             module.to(dev)
     else:
         host = build_full_host(dev)
-    if weights != "fp32":
-        unet, vae, clip = (
-            store_weights(m, DTYPES[weights]) for m in (host.unet, host.vae, host.image_encoder)
-        )
-        host = DiffusersSVDHost(unet, vae, clip, weights_dtype=DTYPES[weights])
+    host = with_stored_weights(host, DTYPES[weights])
     if low_memory:
         host.low_memory()
     build_seconds = time.perf_counter() - t0

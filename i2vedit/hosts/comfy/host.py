@@ -177,12 +177,13 @@ class ComfySVDHost:
         self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         vae = self._need("VAE", self.vae)
+        rgb = images[..., :3].contiguous()  # one memory layout, as in vae_decode
         if not sample:
-            return vae.encode(images[..., :3].contiguous()).float().cpu()  # one layout, as in vae_decode
+            return vae.encode(rgb).float().cpu()
         # ComfyUI's VAE returns the posterior mode; a seeded sample needs the moments themselves.
         comfy.model_management.load_models_gpu([vae.patcher])
         engine = vae.first_stage_model
-        px = vae.process_input(images[..., :3].contiguous().movedim(-1, 1)).to(vae.device, vae.vae_dtype)
+        px = vae.process_input(rgb.movedim(-1, 1)).to(vae.device, vae.vae_dtype)
         moments = engine.encoder(px)
         if getattr(engine, "quant_conv", None) is not None:
             moments = engine.quant_conv(moments)

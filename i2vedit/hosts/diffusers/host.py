@@ -56,6 +56,16 @@ def store_weights(module: M, dtype: torch.dtype) -> M:
     return module
 
 
+def with_stored_weights(host: DiffusersSVDHost, dtype: torch.dtype) -> DiffusersSVDHost:
+    """A host of ``host``'s fp32 models with their weights stored in ``dtype`` (``store_weights``, in place);
+    fp32: ``host`` itself."""
+    if dtype == torch.float32:
+        return host
+    unet, vae, clip = (store_weights(m, dtype) for m in (host.unet, host.vae, host.image_encoder))
+    return DiffusersSVDHost(unet, vae, clip, dtype=host.dtype, clip_mean=host.clip_mean.flatten().tolist(),
+                            clip_std=host.clip_std.flatten().tolist(), weights_dtype=dtype)  # fmt: skip
+
+
 def _conv_on_view(conv_forward: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """A stored convolution's forward on a view of its weight. Layerwise casting swaps a layer's weight in
