@@ -20,6 +20,7 @@ from einops import rearrange
 
 from ..errors import I2VEditError
 from ..precision import outside_autocast
+from . import native
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """A host's own attention kernel: (q, k, v, heads) → out, all (rows, tokens, heads·d)."""
@@ -142,9 +143,18 @@ def spatial_match(
     with the values per block (the blended map), everything else in place; only a block (and one
     frame block's keys and values) is upcast at a time. The scores are fp32 whatever the model's
     dtype, as the authors compute them, also inside an autocast region.
+
+    With ``query_chunk`` None, a CPU layer that ``native.fits`` goes to the fused C kernel
+    (``native.py``) where it runs: the same maths, every map kept in the cache.
     """
     _check_spatial(q_e, k_e, v_e, q_s, k_s)
     frames, tokens, _ = q_e.shape
+    if query_chunk is None and native.fits(q_e, heads) and native.kernel() is not None:
+        out_h, d_, w_ = native.spatial_match_native(
+            split_heads(q_e, heads), split_heads(k_e, heads), split_heads(v_e, heads),
+            split_heads(q_s, heads), split_heads(k_s, heads), tau,
+        )  # fmt: skip
+        return merge_heads(out_h), d_, w_
     if query_chunk is None:
         query_chunk = default_query_chunk(q_e.device, heads, tokens)
     if query_chunk < 1:

@@ -19,7 +19,14 @@ import torch
 
 from ..host import combine_cfg
 from ..hosts.diffusers import tiny
-from ..method.attention import default_query_chunk, frame_thresholds, spatial_match, spatial_match_reference
+from ..method import native
+from ..method.attention import (
+    default_query_chunk,
+    frame_thresholds,
+    sdpa_attention,
+    spatial_match,
+    spatial_match_reference,
+)
 from ..method.inversion import invert, replay_source
 from ..method.matching import MatchedClip, matched_denoise
 from ..method.skip_interval import EditKV, SourceKV
@@ -147,6 +154,36 @@ def bench_real_tokens(frames: int = 4, latent_hw: tuple[int, int] = FULL_HW, rep
     }
 
 
+def bench_matching_layer(
+    frames: int = 4, tokens: int = 9216, heads: int = 2, reps: int = 3
+) -> dict[str, Any]:
+    """Seconds of one spatial layer at the full-size token count (tiny widths, CPU): plain SDPA, matching by
+    the C kernel (``method/native.py``, where it runs) and by torch's blocks, interleaved, median."""
+    g = torch.Generator().manual_seed(0)
+    q_e, k_e, v_e, q_s, k_s = (
+        torch.randn(frames, tokens, heads * tiny.HEAD_DIM, generator=g) for _ in range(5)
+    )
+    tau = frame_thresholds(frames, (0.35, 0.35))
+    chunk = default_query_chunk(q_e.device, heads, tokens)
+    calls: dict[str, Callable[[], object]] = {
+        "sdpa": lambda: sdpa_attention(q_e, k_e, v_e, heads),
+        "torch_blocks": lambda: spatial_match(q_e, k_e, v_e, q_s, k_s, heads, tau, query_chunk=chunk),
+    }
+    reason = native.unavailable_reason()
+    if reason is None:
+        calls["c_kernel"] = lambda: spatial_match(q_e, k_e, v_e, q_s, k_s, heads, tau)
+    t = _median_times(calls, reps)
+    return {
+        "frames": frames,
+        "tokens": tokens,
+        "heads": heads,
+        "head_dim": tiny.HEAD_DIM,
+        "seconds": t,
+        "over_sdpa": {name: sec / t["sdpa"] for name, sec in t.items()},
+        "c_kernel": "runs" if reason is None else f"not here: {reason}",
+    }
+
+
 def bench_attention(
     frames: int = 8, latent_hw: tuple[int, int] = (16, 16), reps: int = 5, real_tokens: bool = True
 ) -> dict[str, Any]:
@@ -261,6 +298,7 @@ def bench_attention(
         },
         "reconstruction_rel_error_tiny_25_steps": {"plain": rec_plain, "matched": rec_matched},
         "real_token_count": bench_real_tokens(reps=min(reps, 3)) if real_tokens else None,
+        "matching_layer_real_tokens": bench_matching_layer(reps=min(reps, 3)) if real_tokens else None,
     }
 
 
