@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from i2vedit.errors import I2VEditError
 from i2vedit.method import native
 from i2vedit.method.attention import (
     frame_thresholds,
@@ -42,7 +43,7 @@ def _inputs(frames, tokens, heads, d, seed=0):
 def test_kernel_equals_the_fp32_reference(frames, tokens, heads, d):
     q_e, k_e, v_e, q_s, k_s = _inputs(frames, tokens, heads, d)
     tau = frame_thresholds(frames, (0.2, 0.5))
-    assert native.fits(q_e, heads)
+    assert native.fits(q_e, k_e, heads)
     ref = spatial_match_reference(q_e, k_e, v_e, q_s, k_s, heads, tau)
     got = spatial_match(q_e, k_e, v_e, q_s, k_s, heads, tau)
     diff = ref[1]
@@ -104,11 +105,21 @@ def test_kernel_takes_half_precision_inputs_and_returns_their_dtype():
 
 
 def test_layers_the_kernel_cannot_take_stay_on_torch():
-    q = torch.zeros(2, 12, 32)
-    assert not native.fits(q, 2)  # 12 tokens: not a whole number of 8-key vectors
-    assert not native.fits(torch.zeros(2, 16, 16), 2)  # heads of width 8
-    assert not native.fits(torch.zeros(2, 16, 32, device="meta"), 2)
-    assert native.fits(torch.zeros(2, 16, 32), 2)
+    def fits(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
+        return native.fits(q, q if k is None else k, 2)
+
+    assert not fits(torch.zeros(2, 12, 32))  # 12 tokens: not a whole number of 8-key vectors
+    assert not fits(torch.zeros(2, 16, 16))  # heads of width 8
+    assert not fits(torch.zeros(2, 16, 32, device="meta"))
+    assert not fits(torch.zeros(2, 16, 32), torch.zeros(2, 24, 32))  # not self-attention
+    assert fits(torch.zeros(2, 16, 32))
+
+
+@needs_kernel
+def test_kernel_refuses_thresholds_that_are_not_one_per_frame():
+    q_e, k_e, v_e, q_s, k_s = (split_heads(t, 2) for t in _inputs(3, 64, 2, 16))
+    with pytest.raises(I2VEditError, match="one threshold per frame: 3, got 2"):
+        native.spatial_match_native(q_e, k_e, v_e, q_s, k_s, torch.full((2,), 0.35))
 
 
 def test_the_switch_turns_the_kernel_off():

@@ -149,7 +149,7 @@ def spatial_match(
     """
     _check_spatial(q_e, k_e, v_e, q_s, k_s)
     frames, tokens, _ = q_e.shape
-    if query_chunk is None and native.fits(q_e, heads) and native.kernel() is not None:
+    if query_chunk is None and native.fits(q_e, k_e, heads) and native.kernel() is not None:
         out_h, d_, w_ = native.spatial_match_native(
             split_heads(q_e, heads), split_heads(k_e, heads), split_heads(v_e, heads),
             split_heads(q_s, heads), split_heads(k_s, heads), tau,

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import I2VEditError
+
 SOURCE = Path(__file__).with_name("match_kernel.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c99")
 TILE_ROWS = 8  # RT in match_kernel.c
@@ -33,17 +35,18 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_refusal() -> str | None:
+    """Why this CPU cannot run the kernel (None: it can)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return f"the kernel needs an x86-64 CPU (this is {platform.machine() or 'unknown'})"
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return "cannot tell whether this CPU has AVX2 and FMA (no /proc/cpuinfo)"
     flags = next(
         (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
     )
-    return "avx2" in flags and "fma" in flags
+    return None if "avx2" in flags and "fma" in flags else "this CPU lacks AVX2 or FMA"
 
 
 def _cache_dir() -> Path:
@@ -84,8 +87,8 @@ def kernel() -> ctypes.CDLL | None:
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if os.environ.get(ENV_SWITCH, "1") == "0":
             reason = f"turned off ({ENV_SWITCH}=0)"
-        elif not _cpu_has_avx2_fma():
-            reason = "this CPU is not x86-64 with AVX2 and FMA"
+        elif (refusal := _cpu_refusal()) is not None:
+            reason = refusal
         elif compiler is None:
             reason = "no C compiler on the path (cc, gcc or $CC)"
         else:
@@ -119,12 +122,13 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return pool  # type: ignore[return-value]
 
 
-def fits(q: torch.Tensor, heads: int) -> bool:
-    """Whether a layer's (rows, tokens, heads·d) inputs can go to the kernel (CPU, token count and head
-    width in its vector steps, no gradient wanted)."""
+def fits(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:
+    """Whether a layer's (rows, tokens, heads·d) inputs can go to the kernel (CPU, self-attention: keys
+    as many as queries, token count and head width in its vector steps, no gradient wanted)."""
     _, tokens, width = q.shape
     return (
         q.device.type == "cpu"
+        and k.shape == q.shape
         and tokens % 8 == 0
         and width % heads == 0
         and (width // heads) % 16 == 0
@@ -148,9 +152,11 @@ def spatial_match_native(
     lib = kernel()
     assert lib is not None
     frames, heads, tokens, d = qe.shape
+    if tau.numel() != frames:
+        raise I2VEditError(f"spatial matching needs one threshold per frame: {frames}, got {tau.numel()}.")
     q_e, v_e, q_s = (t.float().contiguous() for t in (qe, ve, qs))
     kp_e, kp_s = (t.float().unflatten(2, (-1, 8)).transpose(-1, -2).contiguous() for t in (ke, ks))
-    tau = tau.float().contiguous()
+    tau = tau.to("cpu", torch.float32).contiguous()
     out = torch.empty_like(v_e)
     diff = torch.empty(frames, tokens)
     weight = torch.empty(frames, tokens)
