@@ -5,9 +5,10 @@ shape (rows, tokens, heads·d) after the projections, before the output projecti
 have rows = chunks·frames and tokens = h·w; temporal layers have rows = chunks·h·w and tokens =
 frames. A *chunk* is one CFG branch batched into the call (cond or uncond).
 
-Spatial matching comes twice: ``spatial_match`` in query chunks whose peak memory is bounded by the
-chunk, and ``spatial_match_reference``, a plain fp32 materialisation of every map, kept as the
-yardstick the fast path is tested against.
+Spatial matching comes three times: ``spatial_match`` in query chunks whose peak memory is bounded by
+the chunk; on x86-64 CPUs the same maths fused in C (``native.py``, which ``spatial_match`` calls
+where it can run); and ``spatial_match_reference``, a plain fp32 materialisation of every map, kept
+as the yardstick both fast paths are tested against.
 """
 
 from __future__ import annotations

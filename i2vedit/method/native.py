@@ -2,7 +2,7 @@
 
 On an x86-64 CPU with AVX2 and FMA, and a C compiler on the path, ``spatial_match`` hands each
 layer to the C kernel, which keeps every map in the cache instead of writing it out block by block
-(about half the time of torch's blocked path at 9216 tokens; ``bench attention`` prints both). The
+(about 40 % of the time of torch's blocks at 9216 tokens; ``bench attention`` prints both). The
 library is compiled once per source and compiler into the user's cache folder and loaded with
 ctypes; without a compiler, on another CPU, or with ``I2VEDIT_NATIVE=0`` everything runs on torch's
 path, with results equal within fp32 rounding.
