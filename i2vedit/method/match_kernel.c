@@ -125,6 +125,9 @@ static void apply(const float *P, long N, long ld, const float *v, long d, const
     }
 }
 
+/* Query rows per tile, so that the caller counts tiles as this kernel does. */
+long i2v_match_tile_rows(void) { return RT; }
+
 /* Tiles [t0, t1) of a layer (tile t: frame t / tiles, query rows RT·(t % tiles) on). Inputs fp32, contiguous:
  * q (F, H, N, d); kp keys packed (F, H, N/8, d, 8); v (F, H, N, d); tau (F). Outputs: out (F, H, N, d),
  * diff and weight (F, N). Needs N % 8 == 0 and d % 16 == 0. Returns 0, or 1 when out of memory. */

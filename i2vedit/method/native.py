@@ -28,7 +28,6 @@ from ..errors import I2VEditError
 
 SOURCE = Path(__file__).with_name("match_kernel.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c99")
-TILE_ROWS = 8  # RT in match_kernel.c
 ENV_SWITCH = "I2VEDIT_NATIVE"
 
 _lock = threading.Lock()
@@ -80,6 +79,8 @@ def _build(compiler: str) -> Path:
 
 def kernel() -> ctypes.CDLL | None:
     """The loaded kernel, or None where it cannot run here (``unavailable_reason`` says why)."""
+    if "lib" in _state:  # once decided, read without the lock: every matched layer asks
+        return _state["lib"]  # type: ignore[return-value]
     with _lock:
         if "lib" in _state:
             return _state["lib"]  # type: ignore[return-value]
@@ -99,9 +100,12 @@ def kernel() -> ctypes.CDLL | None:
                 fn.argtypes = (
                     [ctypes.c_void_p] * 9 + [ctypes.c_long] * 3 + [ctypes.c_float] + [ctypes.c_long] * 2
                 )
+                lib.i2v_match_tile_rows.restype = ctypes.c_long
+                lib.i2v_match_tile_rows.argtypes = []
             except (OSError, RuntimeError, AttributeError) as e:
                 lib, reason = None, f"the kernel did not build or load: {e}"
-        _state["lib"], _state["reason"] = lib, reason
+        _state["reason"] = reason
+        _state["lib"] = lib  # last: a reader without the lock that sees it also sees the reason
         return lib
 
 
@@ -160,7 +164,7 @@ def spatial_match_native(
     out = torch.empty_like(v_e)
     diff = torch.empty(frames, tokens)
     weight = torch.empty(frames, tokens)
-    tiles = frames * math.ceil(tokens / TILE_ROWS)
+    tiles = frames * math.ceil(tokens / lib.i2v_match_tile_rows())
     workers = max(1, min(torch.get_num_threads(), tiles))
     bounds = [tiles * i // workers for i in range(workers + 1)]
     ptrs = [t.data_ptr() for t in (q_e, kp_e, v_e, q_s, kp_s, tau, out, diff, weight)]
